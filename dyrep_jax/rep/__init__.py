@@ -1,0 +1,30 @@
+"""Re-parameterization algebra: conv slots as pytrees; apply, fuse, grow, cut.
+
+Pure functions only; no training code. See README "Python API".
+"""
+
+from dyrep_jax.rep.apply import apply_slot, is_block
+from dyrep_jax.rep.bn import EPS, MOMENTUM, batch_norm
+from dyrep_jax.rep.cut import cut_branches
+from dyrep_jax.rep.dep import branch_importance, dep_decision
+from dyrep_jax.rep.fuse import fold_bn, fuse_slot
+from dyrep_jax.rep.geometry import (
+    BRANCH_NAMES,
+    MAX_NESTING,
+    ConvGeometry,
+    RepError,
+    allowed_branches,
+    check_branches,
+    child_geometry,
+)
+from dyrep_jax.rep.grow import grow_slot, rebalance_kxk, regrow_matching
+from dyrep_jax.rep.module import BatchNorm, RepConv
+from dyrep_jax.rep.tree import all_slots, get_at, set_at, structure_of, top_level_slots
+
+__all__ = [
+    "BRANCH_NAMES", "EPS", "MAX_NESTING", "MOMENTUM", "BatchNorm", "ConvGeometry", "RepConv",
+    "RepError", "all_slots", "allowed_branches", "apply_slot", "batch_norm", "branch_importance",
+    "check_branches", "child_geometry", "cut_branches", "dep_decision", "fold_bn", "fuse_slot",
+    "get_at", "grow_slot", "is_block", "rebalance_kxk", "regrow_matching", "set_at",
+    "structure_of", "top_level_slots",
+]
