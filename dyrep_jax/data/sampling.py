@@ -30,12 +30,6 @@ def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(words))
 
 
-def local_rows(batch_indices: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
-    """This process's contiguous slice of a global batch."""
-    local = batch_indices.shape[0] // process_count
-    return batch_indices[process_index * local:(process_index + 1) * local]
-
-
 def train_indices(
     permutation: np.ndarray,
     global_batch_size: int,

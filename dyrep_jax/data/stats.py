@@ -13,26 +13,27 @@ CIFAR_STD = np.array((0.2470, 0.2435, 0.2616), np.float32)
 IMAGENET_MEAN = np.array((0.485, 0.456, 0.406), np.float32)
 IMAGENET_STD = np.array((0.229, 0.224, 0.225), np.float32)
 
-_CHUNK = 4096
+_CHUNK = 8192  # images per histogram pass; bounds the temporary int arrays
 
 
 def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and std per channel of uint8 NHWC images, on the 0..1 scale.
 
-    Accumulates in float64 chunk by chunk so large arrays need no float copy.
+    Exact: built from per-channel 256-bin histograms, chunk by chunk, so large arrays
+    need no float copy.
     """
     if images.shape[0] == 0:
         raise ValueError("cannot compute statistics of an empty image set")
     channels = images.shape[-1]
-    total = np.zeros(channels, np.float64)
-    total_sq = np.zeros(channels, np.float64)
+    counts = np.zeros((channels, 256), np.int64)
     for start in range(0, images.shape[0], _CHUNK):
-        chunk = images[start:start + _CHUNK].reshape(-1, channels).astype(np.float64)
-        total += chunk.sum(axis=0)
-        total_sq += np.square(chunk).sum(axis=0)
-    count = images.size // channels
-    mean = total / count
-    var = np.maximum(total_sq / count - np.square(mean), 0.0)
+        pixels = images[start:start + _CHUNK].reshape(-1, channels)
+        for channel in range(channels):
+            counts[channel] += np.bincount(pixels[:, channel], minlength=256)
+    values = np.arange(256, dtype=np.float64) / 255.0
+    total = counts.sum(axis=1)
+    mean = counts @ values / total
+    var = np.maximum(counts @ np.square(values) / total - np.square(mean), 0.0)
     std = np.sqrt(var)
-    std = np.where(std > 0, std, 255.0)  # constant channel: avoid dividing by zero
-    return (mean / 255.0).astype(np.float32), (std / 255.0).astype(np.float32)
+    std = np.where(std > 0, std, 1.0)  # constant channel: avoid dividing by zero
+    return mean.astype(np.float32), std.astype(np.float32)

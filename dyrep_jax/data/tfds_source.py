@@ -71,20 +71,38 @@ def _open(name: str, split: str, data_dir: str | None) -> Any:
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except Exception as err:  # tfds raises several unrelated types for "not there"
-        raise not_prepared_error(name, data_dir, err) from err
+        raise not_prepared_error(name, data_dir, err, _is_prepared(tfds, name, data_dir)) from err
 
 
-def not_prepared_error(name: str, data_dir: str | None, cause: Exception) -> DataError:
+def _is_prepared(tfds: Any, name: str, data_dir: str | None) -> bool:
+    try:
+        return bool(tfds.builder(name, data_dir=data_dir).is_prepared())
+    except Exception:  # unknown config, unreadable dir, ...: treat as not prepared
+        return False
+
+
+def not_prepared_error(
+    name: str, data_dir: str | None, cause: Exception, prepared: bool = False
+) -> DataError:
+    """One message with the three ways out of a missing (or non-ArrayRecord) TFDS dataset."""
     where = data_dir or "the tfds default (~/tensorflow_datasets)"
+    if prepared:
+        problem = (
+            f"TFDS dataset {name!r} under data_dir={where} cannot be opened for random access "
+            f"({type(cause).__name__}: {cause}); it must be prepared with file_format=array_record"
+        )
+    else:
+        problem = (
+            f"TFDS dataset {name!r} is not prepared under data_dir={where} "
+            f"(no prepared ArrayRecord files found; tfds: {type(cause).__name__})"
+        )
     manual = (
-        " (imagenet2012 also needs the ILSVRC2012 tar files placed in <data_dir>/downloads/manual)"
+        " (imagenet2012 also needs the ILSVRC2012 tar files in <DIR>/downloads/manual)"
         if name == "imagenet2012" else ""
     )
     return DataError(
-        f"TFDS dataset {name!r} is not prepared as ArrayRecord under data_dir={where} "
-        f"(tfds said: {type(cause).__name__}: {cause}). Downloads are never attempted here. "
-        "Ways out: (1) on a machine with network access run "
-        f"`tfds build {name} --file_format=array_record --data_dir=DIR` or "
+        f"{problem}. Downloads are never attempted here. Ways out: (1) with network access, "
+        f"prepare it: `tfds build {name} --file_format=array_record --data_dir=DIR` or "
         f"`tfds.builder({name!r}, data_dir=DIR, file_format='array_record').download_and_prepare()`"
         f"{manual}; (2) set TFDS_DATA_DIR (or the config's data_dir) to a directory that "
         "already holds the prepared dataset; (3) use local arrays instead: "

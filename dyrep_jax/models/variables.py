@@ -1,0 +1,70 @@
+"""Creating a model's variables (optionally already grown) and counting them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dyrep_jax.models.registry import default_initial_branches
+from dyrep_jax.rep import RepError, get_at, grow_slot, set_at, top_level_slots
+from dyrep_jax.rep.introspect import slot_geometries
+from dyrep_jax.rep.tree import to_plain_dict
+
+
+def image_spec(input_shape, batch: int = 1):
+    """A ShapeDtypeStruct for a batch of (H, W, C) images."""
+    input_shape = tuple(input_shape)
+    if len(input_shape) != 3:
+        raise ValueError(f"input_shape must be (height, width, channels), got {input_shape}")
+    return jax.ShapeDtypeStruct((batch, *input_shape), jnp.float32)
+
+
+def init_variables(model, key, input_shape, initial_branches=None) -> dict:
+    """{'params', 'batch_stats'} as plain dicts for images of `input_shape` (H, W, C).
+
+    Initialization runs no forward compute (`lazy_init`). `initial_branches`
+    is an optional rule `(slot path, ConvGeometry) -> branch names or None`;
+    each top-level slot it names branches for is grown (function-preserving)
+    with `grow_slot`. Without a rule the model's own default applies
+    (`default_initial_branches`: RepVGG's training form, else plain slots).
+    """
+    x = image_spec(input_shape)
+    init_key, grow_key = jax.random.split(key)
+    variables = to_plain_dict(model.lazy_init(init_key, x, train=False))
+    variables.setdefault("batch_stats", {})
+    rule = initial_branches if initial_branches is not None else default_initial_branches(model)
+    if rule is None:
+        return variables
+    return grow_slots(model, variables, x, grow_key, rule)
+
+
+def grow_slots(model, variables, x, key, rule) -> dict:
+    """Grow every top-level slot for which `rule(path, geometry)` names branches."""
+    params, stats = variables["params"], variables["batch_stats"]
+    geometries = slot_geometries(model, variables, x)
+    for index, path in enumerate(top_level_slots(params)):
+        if path not in geometries:
+            raise RepError(f"{'.'.join(path)}: slot was not reached by the model's forward pass")
+        geometry = geometries[path].geometry
+        branches = rule(path, geometry)
+        if not branches:
+            continue
+        block, block_stats = grow_slot(jax.random.fold_in(key, index), get_at(params, path),
+                                       geometry, branches, path=path)
+        params = set_at(params, path, block)
+        stats = set_at(stats, path, block_stats)
+    return {**variables, "params": params, "batch_stats": stats}
+
+
+def count_params(variables) -> int:
+    """Number of trainable parameters (BN running statistics excluded).
+
+    Takes a params tree or a whole variables dict, in any structure (plain,
+    grown, fused) and also abstract leaves from `jax.eval_shape`.
+    """
+    if isinstance(variables, Mapping) and "params" in variables:
+        variables = variables["params"]
+    return int(sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(variables)))

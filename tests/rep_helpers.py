@@ -1,0 +1,39 @@
+"""Random (non-trivial) BN parameters and statistics: fusion bugs hide behind 0/1."""
+
+import jax
+import jax.numpy as jnp
+
+
+def _by_name(key, tree, make):
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    keys = jax.random.split(key, max(len(leaves), 1))
+    out = [make(k, path[-1].key, leaf) for k, (path, leaf) in zip(keys, leaves)]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def randomize_stats(key, stats):
+    def make(k, name, leaf):
+        if name == "mean":
+            return jax.random.normal(k, leaf.shape) * 0.5
+        if name == "var":
+            return jax.random.uniform(k, leaf.shape, minval=0.5, maxval=2.0)
+        return leaf
+
+    return _by_name(key, stats, make)
+
+
+def randomize_bn_params(key, params):
+    """Random BN gammas/betas and conv biases; kernels untouched."""
+
+    def make(k, name, leaf):
+        if name == "scale":
+            return jax.random.uniform(k, leaf.shape, minval=0.5, maxval=1.5)
+        if name == "bias":
+            return jax.random.normal(k, leaf.shape) * 0.3
+        return leaf
+
+    return _by_name(key, params, make)
+
+
+def max_abs(a, b):
+    return float(jnp.max(jnp.abs(jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32))))
