@@ -7,7 +7,7 @@ import jax.numpy as jnp
 def _by_name(key, tree, make):
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
     keys = jax.random.split(key, max(len(leaves), 1))
-    out = [make(k, path[-1].key, leaf) for k, (path, leaf) in zip(keys, leaves)]
+    out = [make(k, path[-1].key, leaf) for k, (path, leaf) in zip(keys, leaves, strict=False)]
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

@@ -133,10 +133,14 @@ def test_malformed_npz_names_file_and_key(tmp_path, overrides, key, expected):
     assert isinstance(info.value, ValueError)
 
 
-def test_missing_npz_file(tmp_path):
+def test_missing_or_unreadable_npz_file(tmp_path):
     with pytest.raises(DataError, match="does not exist") as info:
         build(f"npz:{tmp_path}/nope.npz")
     assert "nope.npz" in str(info.value)
+    (tmp_path / "junk.npz").write_text("not an archive")
+    with pytest.raises(DataError, match="not a readable .npz") as info:
+        build(f"npz:{tmp_path}/junk.npz")
+    assert "junk.npz" in str(info.value)
 
 
 @pytest.mark.parametrize(

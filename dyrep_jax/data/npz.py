@@ -37,18 +37,21 @@ def _read_arrays(path: str) -> dict[str, np.ndarray]:
     if not Path(path).is_file():
         raise DataError(f"npz file {path!r} does not exist (expected keys {', '.join(_KEYS)})")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            missing = [key for key in _KEYS if key not in archive.files]
-            if missing:
-                raise DataError(
-                    f"{path}: missing key {missing[0]!r} (found {sorted(archive.files)}); expected "
-                    "uint8 x_train/x_test [N, H, W, C] and integer y_train/y_test [N]"
-                )
-            return {key: archive[key] for key in _KEYS}
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise ValueError("holds a single array, not named arrays")
+        with archive:
+            found = sorted(archive.files)
+            arrays = {key: archive[key] for key in _KEYS if key in found}
     except (OSError, ValueError, zipfile.BadZipFile) as err:
-        if isinstance(err, DataError):
-            raise
         raise DataError(f"{path}: not a readable .npz archive ({err})") from err
+    missing = [key for key in _KEYS if key not in arrays]
+    if missing:
+        raise DataError(
+            f"{path}: missing key {missing[0]!r} (found {found}); expected "
+            "uint8 x_train/x_test [N, H, W, C] and integer y_train/y_test [N]"
+        )
+    return arrays
 
 
 def _make_split(path: str, arrays: dict[str, np.ndarray], split: str) -> ArraySplit:

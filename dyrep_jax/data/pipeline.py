@@ -140,9 +140,13 @@ def build_input(
 ) -> InputPipeline:
     """Open dataset `name` and set up deterministic per-process train/eval iterators.
 
-    Batch sizes are global (summed over all processes). `augment` picks the recipe:
-    'cifar' runs on the device (see augment_on_device; the iterator yields raw pixels),
-    'imagenet'/'imagenet_strong' run on the host inside the train iterator.
+    name: 'digits' | 'npz:PATH' | 'cifar10' | 'cifar100' | 'imagenet2012' |
+    'synthetic:H,W,C,NUM_CLASSES,N_TRAIN,N_TEST'. Batch sizes are global (summed over all
+    processes). `augment` picks the recipe: 'cifar' runs on the device (augment_on_device;
+    the iterator yields raw pixels), 'imagenet'/'imagenet_strong' run on the host inside the
+    train iterator, with `color_jitter` as the jitter strength of 'imagenet'. `image_size`
+    resizes on the host (None: native size, 224 for variable-size data). `host_threads`
+    bounds the per-example decode/augment workers (default min(16, CPUs)).
     """
     _check_args(global_batch_size, eval_batch_size, process_index, process_count, augment)
     source = open_source(name, data_dir)

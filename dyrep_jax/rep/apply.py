@@ -117,3 +117,24 @@ def apply_block(params, stats, x, geom: ConvGeometry, train: bool, momentum: flo
             raise ValueError(f"unknown branch '{branch}' in block params")
         out = y if out is None else out + y
     return out, new_stats
+
+
+def inner_slot_input(params, stats, x, geom: ConvGeometry, branches, eps: float = EPS):
+    """Input seen by the slot nested at `branches` (e.g. ['kxk'] or ['1x1_kxk', 'kxk']).
+
+    The enclosing blocks run in inference mode: `kxk` passes its input through;
+    `1x1_kxk` applies conv1 -> bn1 and pads with BN(0), as `apply_block` does.
+    """
+    for branch in branches:
+        bp, bs = params[branch], stats.get(branch, {})
+        if branch == "kxk":
+            params, stats = bp["conv"], bs.get("conv", {})
+        elif branch == "1x1_kxk":
+            z = conv2d(x, bp["conv1"]["kernel"], 1, ((0, 0), (0, 0)), geom.groups)
+            z, _, (_, c) = batch_norm(bp["bn1"], bs["bn1"], z, False, eps=eps)
+            x = pad_with_values(z, geom.pad, c)
+            geom = child_geometry(geom, branch)
+            params, stats = bp["conv2"], bs.get("conv2", {})
+        else:
+            raise ValueError(f"branch '{branch}' holds no nested slot")
+    return x

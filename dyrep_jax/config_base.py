@@ -1,0 +1,67 @@
+"""Every config field, documented once. Experiment files in configs/ override these.
+
+Run `python -m dyrep_jax.main --config configs/X.py --workdir DIR --config.a.b=value`.
+A field that is not defined here is rejected before any work starts.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = "experiment"  # free-form name, recorded in checkpoints and fused/arch.json
+    c.seed = 0  # one seed for init, data order, augmentation and structural decisions
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "resnet18_cifar"  # see dyrep_jax.models.MODEL_NAMES
+    c.model.width = 1.0  # multiplier on every conv width (small models for tests/quickstart)
+    c.model.num_classes = 0  # 0 = take it from the dataset
+    c.model.dtype = "float32"  # compute dtype: float32 or bfloat16 (params/BN stats stay f32)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset = "digits"  # digits | npz:PATH | cifar10 | cifar100 | imagenet2012 | synthetic:H,W,C,K,NTR,NTE
+    c.data.data_dir = ""  # TFDS data dir ("" = TFDS_DATA_DIR or the TFDS default)
+    c.data.augment = "cifar"  # none | cifar | imagenet | imagenet_strong
+    c.data.image_size = 0  # output size of ImageNet-style crops (0 = native size)
+    c.data.max_train_examples = 0  # 0 = all; else use the first N (small runs)
+    c.data.max_test_examples = 0  # 0 = all
+
+    c.batch_size = 128  # global batch over all devices and hosts
+    c.eval_batch_size = 256  # global
+    c.num_epochs = 10
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "sgd"  # sgd | adamw
+    c.optim.lr = 0.1  # peak learning rate
+    c.optim.momentum = 0.9
+    c.optim.nesterov = False
+    c.optim.weight_decay = 1e-4
+    c.optim.decay_bn_and_bias = True  # False: decay only conv/dense kernels
+    c.optim.warmup_epochs = 0.0
+    c.optim.min_lr = 0.0  # cosine floor
+    c.optim.label_smoothing = 0.0
+    c.optim.grad_clip_norm = 0.0  # 0 = off
+
+    c.dyrep = ml_collections.ConfigDict()
+    c.dyrep.mode = "dyrep"  # plain | dbb | rep | dyrep
+    c.dyrep.metric = "synflow"  # synflow | snip | grad_norm | random
+    c.dyrep.adjust_interval = 15  # epochs between adjustments
+    c.dyrep.max_adjust_epochs = 500  # no adjustment after this epoch
+    c.dyrep.grow_topk = 1  # slots grown per adjustment
+    c.dyrep.calib_batches = 20  # training batches for BN calibration of a new block
+    c.dyrep.dep_std_threshold = 0.02  # Dep acts when std of branch importances exceeds this
+    c.dyrep.dep_abs_threshold = 0.1  # ...and cuts branches below the mean and below this
+    c.dyrep.recal_bn_every_epoch = False  # recalibrate all BN statistics after every epoch
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.keep = 3  # latest N checkpoints kept (plus the best by test top-1)
+    c.checkpoint.async_save = True
+
+    c.num_devices = 0  # 0 = all devices (of all hosts); N = first N local devices (1 host)
+    c.log_every_steps = 50  # progress line (loss, images/s, ETA) every N steps
+    c.eval_every_epochs = 1
+    c.compilation_cache_dir = ""  # "" = off; a path enables JAX's persistent compile cache
+    c.debug_fail_at_step = -1  # testing only: inject a NaN loss at this global step
+    return c

@@ -1,0 +1,66 @@
+"""Command line: `python -m dyrep_jax.main --config configs/X.py --workdir DIR [--mode ...]`.
+
+--mode=train (default) trains or resumes; --mode=eval evaluates the latest
+checkpoint and its fused form; --mode=export writes the fused deploy network.
+Override any config field with --config.<field>=<value>.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and the fused network")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "export"], "what to do")
+flags.DEFINE_string("coordinator_address", None,
+                    "multi-host: host:port of process 0 (else auto-detected on TPU VMs)")
+flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
+flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
+flags.DEFINE_bool("distributed", False,
+                  "call jax.distributed.initialize() (TPU VM pods: no other flag needed)")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def setup_logging():
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stdout, force=True)
+    for noisy in ("absl", "orbax", "jax", "tensorflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv):
+    del argv
+    setup_logging()
+    import jax
+
+    if FLAGS.distributed or FLAGS.coordinator_address:
+        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                                   num_processes=FLAGS.num_processes,
+                                   process_id=FLAGS.process_id)
+    from dyrep_jax import evaluate, train
+
+    config = FLAGS.config
+    log = logging.getLogger("dyrep_jax")
+    log.info("devices: %d (%s), processes: %d", jax.device_count(),
+             jax.devices()[0].platform, jax.process_count())
+    if FLAGS.mode == "train":
+        result = train.run(config, FLAGS.workdir)
+    elif FLAGS.mode == "eval":
+        result = evaluate.evaluate_latest(config, FLAGS.workdir)
+    else:
+        result = evaluate.export_latest(config, FLAGS.workdir)
+    log.info("done: %s", {k: v for k, v in result.items() if k != "structure"})
+
+
+def entry():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    entry()

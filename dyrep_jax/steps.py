@@ -1,0 +1,133 @@
+"""Jitted train/eval/calibration steps, one compiled program per network structure.
+
+`StepCache` keys compiled programs by the pytree structure of the state, so a
+structure change (grow/cut) compiles once and a return to a seen structure
+compiles never; the seconds spent compiling are counted for the logs.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dyrep_jax.data import augment_on_device, normalize_images
+from dyrep_jax.dyrep import accumulate_scores
+
+
+def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
+    onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    if label_smoothing:
+        onehot = optax.smooth_labels(onehot, label_smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), onehot)
+
+
+def make_train_step(model, tx, schedule, *, eligible, metric, num_classes, label_smoothing,
+                    mean, std, augment_kind, dtype, fail_at_step=-1):
+    """(state, images uint8, labels, rng) -> (state, metrics) for one structure."""
+
+    def train_step(state, images, labels, rng):
+        aug_key, score_key = jax.random.split(rng)
+        x = augment_on_device(aug_key, images, mean, std, augment_kind).astype(dtype)
+
+        def loss_fn(params):
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": state["batch_stats"]}, x, train=True,
+                mutable=["batch_stats"])
+            loss = cross_entropy(logits, labels, num_classes, label_smoothing).mean()
+            return loss, (logits, updates["batch_stats"])
+
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"])
+        if fail_at_step >= 0:  # test hook: a NaN loss at one step
+            loss = jnp.where(state["step"] == fail_at_step, jnp.nan, loss)
+        scores = accumulate_scores(state["scores"], grads, state["params"], eligible, metric,
+                                   score_key)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        new_state = {
+            "params": optax.apply_updates(state["params"], updates),
+            "batch_stats": batch_stats,
+            "opt_state": opt_state,
+            "scores": scores,
+            "score_steps": state["score_steps"] + 1,
+            "step": state["step"] + 1,
+        }
+        correct = jnp.sum(jnp.argmax(logits, -1) == labels)
+        metrics = {"loss": loss, "correct": correct, "lr": schedule(state["step"])}
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model, *, num_classes, mean, std, dtype):
+    """(variables, images, labels, mask) -> sums of loss, correct, count."""
+
+    def eval_step(variables, images, labels, mask):
+        x = normalize_images(images, mean, std).astype(dtype)
+        logits = model.apply(variables, x, train=False)
+        loss = cross_entropy(logits, labels, num_classes)
+        m = mask.astype(jnp.float32)
+        return {
+            "loss": jnp.sum(loss * m),
+            "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * m),
+            "count": jnp.sum(m),
+        }
+
+    return eval_step
+
+
+def make_prepare_images(mean, std, augment_kind, dtype):
+    """uint8 train batch -> augmented, normalized compute-dtype images (for calibration)."""
+
+    def prepare(rng, images):
+        return augment_on_device(rng, images, mean, std, augment_kind).astype(dtype)
+
+    return prepare
+
+
+def make_bn_recalibration_step(model):
+    """Batch statistics of every BN for one batch (network in train mode).
+
+    Running stats are zeroed first, so PyTorch's update `0.9 * 0 + 0.1 * batch`
+    returns batch statistics scaled by the momentum, which we undo.
+    """
+    from dyrep_jax.rep.bn import MOMENTUM
+
+    def batch_stats_of(variables, x):
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, variables["batch_stats"])
+        _, updates = model.apply({"params": variables["params"], "batch_stats": zeros}, x,
+                                 train=True, mutable=["batch_stats"])
+        return jax.tree_util.tree_map(lambda s: s / MOMENTUM, updates["batch_stats"])
+
+    return batch_stats_of
+
+
+class StepCache:
+    """Compiled programs keyed by (name, input structure); records compile seconds."""
+
+    def __init__(self):
+        self._compiled = {}
+        self.compile_seconds = 0.0
+        self.compile_log = []  # (name, seconds)
+
+    def get(self, name, fn, args, *, in_shardings=None, out_shardings=None, donate=()):
+        key = (name, jax.tree_util.tree_structure(args),
+               tuple((getattr(a, "shape", None), str(getattr(a, "dtype", "")))
+                     for a in jax.tree_util.tree_leaves(args)))
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            start = time.perf_counter()
+            jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
+                             donate_argnums=donate)
+            compiled = jitted.lower(*args).compile()
+            seconds = time.perf_counter() - start
+            self.compile_seconds += seconds
+            self.compile_log.append((name, seconds))
+            self._compiled[key] = compiled
+        return compiled
+
+    def drop(self, name):
+        """Forget compiled programs of `name` (e.g. old structures no longer used)."""
+        self._compiled = {k: v for k, v in self._compiled.items() if k[0] != name}
