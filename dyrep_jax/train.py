@@ -16,6 +16,7 @@ import time
 from collections.abc import Mapping
 
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
@@ -61,6 +62,9 @@ class TrainingError(RuntimeError):
 # ----------------------------------------------------------------------------- config
 
 
+GROUP_TYPES = (Mapping, ml_collections.ConfigDict)
+
+
 def validate_config(config, reference=None, prefix=""):
     """Every field must exist in `base_config()` with a compatible type."""
     reference = base_config() if reference is None else reference
@@ -72,8 +76,8 @@ def validate_config(config, reference=None, prefix=""):
                 f"{', '.join(sorted(reference.keys()))}"
             )
         value, ref = config[key], reference[key]
-        if isinstance(ref, Mapping):
-            if not isinstance(value, Mapping):
+        if isinstance(ref, GROUP_TYPES):
+            if not isinstance(value, GROUP_TYPES):
                 raise ValueError(f"config field '{name}' must be a group of fields")
             validate_config(value, ref, prefix=f"{name}.")
     mode = config.get("dyrep", {}).get("mode") if prefix == "" else None
@@ -324,6 +328,8 @@ class Trainer:
         host = to_host(state)
         ckpt_state = {k: host[k] for k in ("params", "batch_stats", "scores", "score_steps",
                                            "step")}
+        if ckpt_state["scores"].size == 0:  # orbax cannot store empty arrays (no eligible slots)
+            del ckpt_state["scores"]
         meta = {"epoch": epoch, "step_in_epoch": step_in_epoch, "best_test_top1": best,
                 "name": self.config.name, "model": self.config.model.name,
                 "structure": structure_of(host["params"])}
@@ -337,6 +343,8 @@ class Trainer:
         step, state, opt, meta = found
         state = dict(state)
         state["opt_state"] = opt
+        if "scores" not in state:
+            state["scores"] = np.zeros((0,), np.float32)
         log.info("resumed from step %d (epoch %d, step %d in epoch); %d grown slots", step,
                  meta["epoch"], meta["step_in_epoch"], len(meta.get("structure", {})))
         return self.place.replicate(state), meta

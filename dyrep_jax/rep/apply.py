@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from dyrep_jax.rep.bn import EPS, MOMENTUM, batch_norm
-from dyrep_jax.rep.geometry import ConvGeometry, child_geometry
+from dyrep_jax.rep.geometry import BRANCH_NAMES, ConvGeometry, child_geometry
 
 
 def conv2d(x, kernel, stride=1, padding=((0, 0), (0, 0)), groups=1):
@@ -67,6 +67,9 @@ def apply_slot(params, stats, x, geom: ConvGeometry, train: bool, momentum: floa
 
 def apply_block(params, stats, x, geom: ConvGeometry, train: bool, momentum: float = MOMENTUM,
                 eps: float = EPS):
+    unknown = set(params) - set(BRANCH_NAMES)
+    if unknown:
+        raise ValueError(f"unknown branch(es) {sorted(unknown)} in block params")
     k, s, p, g = geom.kernel_size, geom.stride, geom.pad, geom.groups
     new_stats = {}
     out = None
@@ -77,7 +80,7 @@ def apply_block(params, stats, x, geom: ConvGeometry, train: bool, momentum: flo
         new_stats.setdefault(branch, {})[name] = st
         return y, affine
 
-    for branch in params:
+    for branch in [b for b in BRANCH_NAMES if b in params]:  # fixed order: same rounding
         bp = params[branch]
         if branch == "kxk":
             z, conv_stats = apply_slot(bp["conv"], stats[branch].get("conv", {}), x, geom,
@@ -113,8 +116,6 @@ def apply_block(params, stats, x, geom: ConvGeometry, train: bool, momentum: flo
             y, _ = bn(branch, "bn", z)
         elif branch == "id":
             y, _ = bn(branch, "bn", x)
-        else:
-            raise ValueError(f"unknown branch '{branch}' in block params")
         out = y if out is None else out + y
     return out, new_stats
 

@@ -1,0 +1,81 @@
+"""Export the fused deploy network as a PyTorch state_dict with the reference naming.
+
+    python -m dyrep_jax.tools.export_torch --checkpoint DIR --out model.pt
+
+DIR: a run (training or imported; fused first) or a fused export. The file is
+`torch.save` of a plain dict: per conv `NAME.weight` (OIHW) and `NAME.bias`
+(BN already folded in, so no BN tensors), per linear `NAME.weight` (out, in)
+and `NAME.bias`, e.g. for resnet18 `conv1.weight, conv1.bias,
+layer1.0.conv1.weight, ..., fc.weight, fc.bias`. It loads with
+`load_state_dict(strict=True)` into the plain reference architecture whose
+convs have `bias=True` and whose BNs are identities.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+from dyrep_jax.rep.tree import get_at
+from dyrep_jax.tools.errors import ToolError, run_main
+from dyrep_jax.tools.layout import layers_of
+from dyrep_jax.tools.names import naming_for
+from dyrep_jax.tools.network_dir import load_network
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m dyrep_jax.tools.export_torch",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="run directory or fused export directory")
+    p.add_argument("--out", required=True, help="output file (torch.save)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    return run_main(run, sys.argv[1:] if argv is None else argv)
+
+
+def run(argv) -> dict:
+    args = parse_args(argv)
+    net = load_network(args.checkpoint, fuse=True)
+    state = deploy_state_dict(net.variables["params"], naming_for(net.arch["model"]))
+    save_torch(state, args.out)
+    print(f"wrote {len(state)} tensors of the fused {net.arch['model']} ({net.source}) to "
+          f"{args.out}")
+    return state
+
+
+def deploy_state_dict(params, naming) -> dict:
+    """{torch key: numpy array} of fused deploy params, in network order."""
+    state = {}
+    for layer in layers_of(params):
+        node = get_at(params, layer.path)
+        if layer.kind == "unit":
+            conv = node["conv"]
+            if "kxk" in conv or "bias" not in conv:
+                raise ToolError(f"{'.'.join(layer.path)}: not a fused conv (fuse the network first)")
+            name = naming.unit(layer.path).conv
+            state[f"{name}.weight"] = np.transpose(np.asarray(conv["kernel"]), (3, 2, 0, 1))
+            state[f"{name}.bias"] = np.asarray(conv["bias"])
+        else:
+            name = naming.dense(layer.path)
+            state[f"{name}.weight"] = np.asarray(node["kernel"]).T
+            state[f"{name}.bias"] = np.asarray(node["bias"])
+    return state
+
+
+def save_torch(state: dict, path: str) -> None:
+    import torch  # optional dependency: only the interop tools need it
+
+    tensors = {key: torch.from_numpy(np.ascontiguousarray(value, np.float32))
+               for key, value in state.items()}
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    torch.save(tensors, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
