@@ -58,7 +58,29 @@ def main(argv):
     log.info("done: %s", {k: v for k, v in result.items() if k != "structure"})
 
 
+def check_overrides(argv) -> None:
+    """Fail with one clear line on `--config.<field>` overrides that name no field."""
+    import ml_collections
+
+    from dyrep_jax.config_base import base_config
+
+    base = base_config()
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        field = arg[len("--config."):].split("=", 1)[0]
+        node = base
+        for part in field.split("."):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                valid = ", ".join(sorted(node.keys())) if isinstance(
+                    node, ml_collections.ConfigDict) else "(none: not a group)"
+                sys.exit(f"error: unknown config field '{field}' in {arg}; valid fields at "
+                         f"'{part}': {valid}")
+            node = node[part]
+
+
 def entry():
+    check_overrides(sys.argv[1:])
     app.run(main)
 
 

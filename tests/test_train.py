@@ -196,7 +196,7 @@ def test_cli_rejects_unknown_override(tmp_path):
          "--workdir", str(tmp_path), "--config.optim.learningrate=0.1"],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert "learningrate" in proc.stderr + proc.stdout
+    assert "unknown config field 'optim.learningrate'" in proc.stderr + proc.stdout
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):

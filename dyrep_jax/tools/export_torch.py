@@ -20,8 +20,9 @@ import sys
 import numpy as np
 
 from dyrep_jax.rep.tree import get_at
+from dyrep_jax.tools.arch import image_shape_of
 from dyrep_jax.tools.errors import ToolError, run_main
-from dyrep_jax.tools.layout import layers_of
+from dyrep_jax.tools.layout import in_call_order, layers_of
 from dyrep_jax.tools.names import naming_for
 from dyrep_jax.tools.network_dir import load_network
 
@@ -41,17 +42,23 @@ def main(argv=None) -> int:
 def run(argv) -> dict:
     args = parse_args(argv)
     net = load_network(args.checkpoint, fuse=True)
-    state = deploy_state_dict(net.variables["params"], naming_for(net.arch["model"]))
+    naming = naming_for(net.arch["model"])
+    order = in_call_order(layers_of(net.variables["params"]), net.model, net.variables,
+                          image_shape_of(net.arch))
+    state = deploy_state_dict(net.variables["params"], naming, order)
     save_torch(state, args.out)
     print(f"wrote {len(state)} tensors of the fused {net.arch['model']} ({net.source}) to "
           f"{args.out}")
     return state
 
 
-def deploy_state_dict(params, naming) -> dict:
-    """{torch key: numpy array} of fused deploy params, in network order."""
+def deploy_state_dict(params, naming, layers=None) -> dict:
+    """{torch key: numpy array} of fused deploy params, in the order of `layers`.
+
+    Pass `layout.in_call_order(...)` for network order (a restored tree is sorted by name).
+    """
     state = {}
-    for layer in layers_of(params):
+    for layer in layers or layers_of(params):
         node = get_at(params, layer.path)
         if layer.kind == "unit":
             conv = node["conv"]
@@ -70,7 +77,7 @@ def deploy_state_dict(params, naming) -> dict:
 def save_torch(state: dict, path: str) -> None:
     import torch  # optional dependency: only the interop tools need it
 
-    tensors = {key: torch.from_numpy(np.ascontiguousarray(value, np.float32))
+    tensors = {key: torch.from_numpy(np.array(value, np.float32))
                for key, value in state.items()}
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)

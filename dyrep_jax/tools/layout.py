@@ -11,6 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import NamedTuple
 
+import flax.linen as nn
+import jax
+
+from dyrep_jax.models.variables import image_spec
 from dyrep_jax.rep.tree import is_slot
 
 
@@ -41,3 +45,21 @@ def slot_out_channels(slot) -> int:
     while "kxk" in slot:
         slot = slot["kxk"]["conv"]
     return int(slot["kernel"].shape[-1])
+
+
+def in_call_order(layers: list[Layer], model, variables, image_shape) -> list[Layer]:
+    """`layers` sorted by when the forward pass first calls them (trees come back sorted by
+    name from orbax and `jax.eval_shape`, which puts `fc` before `layer1_0`)."""
+    order: dict[tuple, int] = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and context.module.scope is not None:
+            order.setdefault(tuple(context.module.scope.path), len(order))
+        return next_fun(*args, **kwargs)
+
+    def run(v, x):
+        with nn.intercept_methods(interceptor):
+            return model.apply(v, x, train=False)
+
+    jax.eval_shape(run, variables, image_spec(image_shape))
+    return sorted(layers, key=lambda layer: order.get(layer.path, len(order)))

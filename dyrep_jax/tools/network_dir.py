@@ -76,7 +76,7 @@ def load_run_dir(directory: str, fuse: bool) -> Network:
     source = f"{what} (epoch {meta.get('epoch', '?')})"
     if not fuse:
         return Network(model, variables, arch, False, source)
-    fused = jax.tree_util.tree_map(np.asarray, fuse_network(variables))
+    fused = jax.tree_util.tree_map(np.asarray, jax.jit(fuse_network)(variables))
     return Network(build_model(arch, deploy=True), fused, arch, True, source)
 
 

@@ -1,0 +1,258 @@
+"""The DyRep controller: saliency in the step, growth choice, function preservation, remap."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from rep_helpers import randomize_bn_params, randomize_stats
+
+from dyrep_jax import models
+from dyrep_jax.data import normalize_images
+from dyrep_jax.dyrep import (
+    ControllerConfig,
+    adjust,
+    calibrate_block,
+    dbb_initial_branches,
+    eligible_slots,
+    pick_slots,
+    slot_score,
+)
+from dyrep_jax.optim import cosine_schedule, make_optimizer, remap_opt_state
+from dyrep_jax.rep.introspect import slot_geometries
+from dyrep_jax.rep.network import grow_at
+from dyrep_jax.rep.tree import dotted, get_at, is_block_node, set_at, structure_of
+from dyrep_jax.steps import StepCache, make_train_step
+
+SHAPE = (8, 8, 3)
+MEAN, STD = jnp.full((3,), 0.5), jnp.full((3,), 0.25)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = models.create_model("resnet18_cifar", num_classes=4, width=0.125)
+    variables = models.init_variables(model, jax.random.PRNGKey(0), SHAPE)
+    x = jax.ShapeDtypeStruct((1, *SHAPE), jnp.float32)
+    geoms = {k: v.geometry for k, v in slot_geometries(model, variables, x).items()}
+    return model, variables, geoms
+
+
+def batches(n, seed=0, size=8):
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        yield (rng.integers(0, 256, (size, *SHAPE), dtype=np.uint8),
+               rng.integers(0, 4, (size,), dtype=np.int32))
+
+
+def logits_of(model, variables, images):
+    return model.apply(variables, images, train=False)
+
+
+def test_eligible_slots_rules(tiny):
+    model, variables, geoms = tiny
+    params = variables["params"]
+    paths = eligible_slots(params)
+    assert ("conv1", "conv") in paths  # 3x3 stem
+    assert all(get_at(params, p)["kernel"].shape[0] == 3 for p in paths)
+    assert not any("downsample" in p for p in paths)  # 1x1 convs are not eligible
+    # after growing a slot, its kxk conv (depth 1) is eligible, the block is not
+    path = paths[0]
+    stats = variables["batch_stats"]
+    params, stats = grow_at(jax.random.PRNGKey(1), params, stats, path, geoms[path], ["1x1"])
+    inner = (*path, "kxk", "conv")
+    paths1 = eligible_slots(params)
+    assert path not in paths1 and inner in paths1
+    params, stats = grow_at(jax.random.PRNGKey(2), params, stats, inner, geoms[path], ["1x1"])
+    paths2 = eligible_slots(params)
+    assert inner not in paths2 and (*inner, "kxk", "conv") not in paths2  # depth 2: never
+
+
+def run_and_compare_scores(model, variables, metric, score_of):
+    """Scores accumulated by the jitted train step vs jax.grad over the same batches."""
+    tx = make_optimizer(schedule=cosine_schedule(0.05, 10), momentum=0.9)
+    paths = eligible_slots(variables["params"])
+    step = jax.jit(make_train_step(
+        model, tx, cosine_schedule(0.05, 10), eligible=paths, metric=metric, num_classes=4,
+        label_smoothing=0.0, mean=MEAN, std=STD, augment_kind="none", dtype=jnp.float32))
+    state = {"params": variables["params"], "batch_stats": variables["batch_stats"],
+             "opt_state": tx.init(variables["params"]),
+             "scores": jnp.zeros((len(paths),)), "score_steps": jnp.zeros((), jnp.int32),
+             "step": jnp.zeros((), jnp.int32)}
+    expected = np.zeros(len(paths))
+    for i, (images, labels) in enumerate(batches(3)):
+        params, bstats = state["params"], state["batch_stats"]
+
+        def loss_fn(p, images=images, labels=labels, bstats=bstats):
+            x = normalize_images(images, MEAN, STD)
+            logits, _ = model.apply({"params": p, "batch_stats": bstats}, x, train=True,
+                                    mutable=["batch_stats"])
+            return optax.softmax_cross_entropy(logits, jax.nn.one_hot(labels, 4)).mean()
+
+        grads = jax.jit(jax.grad(loss_fn))(params)
+        expected += np.array([score_of(get_at(grads, p)["kernel"], get_at(params, p)["kernel"])
+                              for p in paths])
+        state, _ = step(state, images, labels, jax.random.PRNGKey(i))
+    assert int(state["score_steps"]) == 3 and len(paths) > 3
+    return np.asarray(state["scores"]), expected
+
+
+def test_accumulated_synflow_equals_direct_grad():
+    # A conv followed by train-mode BN is scale invariant, so its synflow sum(g*w) is 0 in
+    # exact arithmetic (float noise in practice). To test the accumulation itself we use
+    # the network without the BN after its 3x3 convs, where synflow carries signal.
+    model = models.create_model("resnet18_cifar", num_classes=4, width=0.125,
+                                with_bn_after_3x3=False)
+    variables = models.init_variables(model, jax.random.PRNGKey(0), SHAPE)
+    got, expected = run_and_compare_scores(
+        model, variables, "synflow", lambda g, w: float(jnp.sum(g * w)))
+    np.testing.assert_allclose(got, expected, rtol=2e-3, atol=1e-4 * np.abs(expected).max())
+
+
+def test_accumulated_snip_equals_direct_grad(tiny):
+    model, variables, _ = tiny
+    got, expected = run_and_compare_scores(
+        model, variables, "snip", lambda g, w: float(jnp.sum(jnp.abs(g * w))))
+    np.testing.assert_allclose(got, expected, rtol=1e-3)
+
+
+def test_metrics():
+    g, w = jnp.array([1.0, -2.0]), jnp.array([3.0, 1.0])
+    assert float(slot_score("synflow", g, w)) == pytest.approx(1.0)
+    assert float(slot_score("snip", g, w)) == pytest.approx(5.0)
+    assert float(slot_score("grad_norm", g, w)) == pytest.approx(np.sqrt(5.0))
+    r = float(slot_score("random", g, w, jax.random.PRNGKey(0)))
+    assert 0.0 <= r <= 1.0
+    with pytest.raises(ValueError, match="unknown saliency metric 'foo'"):
+        slot_score("foo", g, w)
+
+
+def test_pick_slots_takes_argmax_and_topk():
+    paths = [("a",), ("b",), ("c",)]
+    assert pick_slots(np.array([0.1, 0.5, -1.0]), paths, 1) == [("b",)]
+    assert pick_slots(np.array([0.1, 0.5, -1.0]), paths, 2) == [("b",), ("a",)]
+    assert pick_slots(np.array([]), [], 1) == []
+
+
+def make_calibrate(model, geoms, n=3):
+    def calibrate(current, path):
+        imgs = (normalize_images(i, MEAN, STD) for i, _ in batches(n, seed=7))
+        return calibrate_block(model, current, path, geoms, imgs)
+
+    return calibrate
+
+
+def test_grow_picks_argmax_and_preserves_network_output(tiny):
+    model, variables, geoms = tiny
+    paths = eligible_slots(variables["params"])
+    scores = np.zeros(len(paths))
+    scores[3] = 5.0
+    images = normalize_images(next(batches(1, seed=3))[0], MEAN, STD)
+    before = logits_of(model, variables, images)
+    cfg = ControllerConfig(mode="rep", calib_batches=3)
+    new, decisions = adjust(jax.random.PRNGKey(0), variables, geoms, scores, paths, cfg,
+                            make_calibrate(model, geoms), grow=True, cut=False)
+    assert [d["slot"] for d in decisions] == [dotted(paths[3])]
+    assert decisions[0]["branches"] == ["1x1", "1x1_kxk", "1x1_avg", "kxk", "1xk", "kx1", "id"]
+    block_stats = get_at(new["batch_stats"], paths[3])
+    assert float(jnp.abs(block_stats["1x1"]["bn"]["var"] - 1).max()) > 1e-3  # calibrated
+    after = logits_of(model, new, images)
+    scale = float(jnp.max(jnp.abs(before)))
+    # float32, block re-associates sums: 1e-4 of the logit scale
+    assert float(jnp.max(jnp.abs(before - after))) <= 1e-4 * (1 + scale)
+
+
+def test_dep_cuts_exactly_and_records_importances(tiny):
+    model, variables, geoms = tiny
+    params, stats = variables["params"], variables["batch_stats"]
+    path = eligible_slots(params)[2]
+    params, stats = grow_at(jax.random.PRNGKey(4), params, stats, path, geoms[path],
+                            ["1x1", "1x1_avg", "1xk", "id"])
+    block = randomize_bn_params(jax.random.PRNGKey(5), get_at(params, path))
+    block["kxk"]["bn"]["scale"] = jnp.ones_like(block["kxk"]["bn"]["scale"])
+    block["1x1"]["bn"]["scale"] = jnp.full_like(block["1x1"]["bn"]["scale"], 0.5)
+    block["1xk"]["bn"]["scale"] = jnp.full_like(block["1xk"]["bn"]["scale"], 0.01)
+    block["id"]["bn"]["scale"] = jnp.full_like(block["id"]["bn"]["scale"], 0.02)
+    params = set_at(params, path, block)
+    stats = set_at(stats, path, randomize_stats(jax.random.PRNGKey(6), get_at(stats, path)))
+    variables = {"params": params, "batch_stats": stats}
+    images = normalize_images(next(batches(1, seed=3))[0], MEAN, STD)
+    before = logits_of(model, variables, images)
+    new, decisions = adjust(jax.random.PRNGKey(0), variables, geoms, np.zeros(0), [],
+                            ControllerConfig(), make_calibrate(model, geoms), grow=False,
+                            cut=True)
+    assert len(decisions) == 1 and decisions[0]["op"] == "cut"
+    assert set(decisions[0]["branches"]) == {"1xk", "id"}
+    assert set(decisions[0]["importance"]) == {"1x1", "1x1_avg", "1xk", "id"}
+    assert structure_of(new["params"])[dotted(path)] == ["1x1", "1x1_avg", "kxk"]
+    after = logits_of(model, new, images)
+    assert float(jnp.max(jnp.abs(before - after))) <= 1e-4 * (1 + float(jnp.max(jnp.abs(before))))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_optimizer_remap_keeps_survivors_drops_removed_inits_new(tiny, name):
+    model, variables, geoms = tiny
+    tx = make_optimizer(name=name, schedule=cosine_schedule(0.1, 100), momentum=0.9,
+                        weight_decay=1e-4, decay_bn_and_bias=False)
+    params = variables["params"]
+    opt = tx.init(params)
+    grads = jax.tree_util.tree_map(lambda p: jnp.ones_like(p) * 0.1, params)
+    for _ in range(3):  # non-trivial state and step count
+        _, opt = tx.update(grads, opt, params)
+    path = eligible_slots(params)[1]
+    new_params, _ = grow_at(jax.random.PRNGKey(0), params, variables["batch_stats"], path,
+                            geoms[path], ["1x1", "id"])
+    new_opt, report = remap_opt_state(tx, opt, new_params)
+    old_leaves = {jax.tree_util.keystr(k): v for k, v in
+                  jax.tree_util.tree_flatten_with_path(opt)[0]}
+    fresh = {jax.tree_util.keystr(k): v for k, v in
+             jax.tree_util.tree_flatten_with_path(tx.init(new_params))[0]}
+    grown = "".join(f"['{p}']" for p in path)
+    n_new = 0
+    for k, v in jax.tree_util.tree_flatten_with_path(new_opt)[0]:
+        key = jax.tree_util.keystr(k)
+        if grown in key and ("'1x1'" in key or "'id'" in key or "'kxk'" in key):
+            np.testing.assert_array_equal(v, fresh[key])  # new parameters start from init
+            n_new += 1
+        else:
+            np.testing.assert_array_equal(v, old_leaves[key])  # survivors bit-identical
+    assert n_new > 0 and report["fresh"] == n_new
+    assert report["dropped"] >= 1  # the old plain kernel's state is gone
+    assert not any(jax.tree_util.keystr(k).endswith(f"{grown}['kernel']")
+                   for k, _ in jax.tree_util.tree_flatten_with_path(new_opt)[0])
+    counts = [v for k, v in jax.tree_util.tree_flatten_with_path(new_opt)[0]
+              if "count" in jax.tree_util.keystr(k)]
+    assert counts and all(int(c) == 3 for c in counts)  # step count continues
+
+
+def test_one_compiled_step_per_structure(tiny):
+    model, variables, geoms = tiny
+    cache = StepCache()
+
+    def fn(v, x):
+        return model.apply(v, x, train=False)
+
+    x = jnp.zeros((2, *SHAPE))
+    cache.get("fwd", fn, (variables, x))
+    cache.get("fwd", fn, (variables, x))
+    assert len(cache.compile_log) == 1
+    path = eligible_slots(variables["params"])[0]
+    p, s = grow_at(jax.random.PRNGKey(0), variables["params"], variables["batch_stats"], path,
+                   geoms[path], ["1x1"])
+    cache.get("fwd", fn, ({"params": p, "batch_stats": s}, x))
+    assert len(cache.compile_log) == 2 and cache.compile_seconds > 0
+
+
+def test_modes_and_dbb_initial_structure():
+    with pytest.raises(ValueError, match="unknown mode 'grow'.*plain, dbb, rep, dyrep"):
+        ControllerConfig(mode="grow")
+    assert not ControllerConfig(mode="plain").grows
+    assert ControllerConfig(mode="rep").grows and not ControllerConfig(mode="rep").cuts
+    assert ControllerConfig(mode="dyrep").cuts
+    model = models.create_model("resnet18_cifar", num_classes=4, width=0.125,
+                                with_bn_after_3x3=False)
+    variables = models.init_variables(model, jax.random.PRNGKey(0), SHAPE,
+                                      initial_branches=dbb_initial_branches)
+    structure = structure_of(variables["params"])
+    assert structure and all(b == ["1x1", "1x1_kxk", "1x1_avg", "kxk"] for b in structure.values())
+    for path, _ in [(p, 0) for p in eligible_slots(variables["params"])]:
+        assert is_block_node(get_at(variables["params"], path[:-2]))  # only kxk convs inside
