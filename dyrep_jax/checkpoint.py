@@ -93,20 +93,17 @@ def restore_latest(manager, make_opt_template):
     return None
 
 
-def save_fused(directory: str, fused_variables: dict, arch: dict):
+def save_fused(directory: str, fused_variables: dict, arch: dict, write_arch: bool = True):
     """Deploy parameters (orbax) plus `arch.json` describing how to rebuild the model."""
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
     ckptr = ocp.StandardCheckpointer()
     target = os.path.join(directory, "params")
-    if os.path.exists(target):
-        import shutil
-
-        shutil.rmtree(target)
-    ckptr.save(target, _as_host(fused_variables))
+    ckptr.save(target, _as_host(fused_variables), force=True)
     ckptr.wait_until_finished()
-    with open(os.path.join(directory, "arch.json"), "w") as f:
-        json.dump(arch, f, indent=2)
+    if write_arch:
+        with open(os.path.join(directory, "arch.json"), "w") as f:
+            json.dump(arch, f, indent=2)
 
 
 def load_fused(directory: str):

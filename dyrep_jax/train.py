@@ -495,8 +495,8 @@ class Trainer:
                 "image_shape": list(self.image_shape), "mean": np.asarray(self.mean).tolist(),
                 "std": np.asarray(self.std).tolist(), "params": fused_params, "macs": fused_macs,
                 "test_top1": fused_top1, "name": self.config.name}
-        if self.is_main:
-            ckpt.save_fused(os.path.join(self.workdir, "fused"), fused, arch)
+        ckpt.save_fused(os.path.join(self.workdir, "fused"), fused, arch,
+                        write_arch=self.is_main)  # every host joins orbax's save
         record = {"final": True, "test_top1": test_top1, "fused_test_top1": fused_top1,
                   "fused_params": fused_params, "fused_macs": fused_macs,
                   "wall_s": time.perf_counter() - wall_start,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -42,7 +43,7 @@ from dyrep_jax.optim import cosine_schedule, make_optimizer, remap_opt_state  # 
 from dyrep_jax.rep import allowed_branches  # noqa: E402
 from dyrep_jax.rep.introspect import slot_geometries  # noqa: E402
 from dyrep_jax.rep.network import cut_at, grow_at  # noqa: E402
-from dyrep_jax.rep.tree import get_at, is_block_node, structure_of, top_level_slots  # noqa: E402
+from dyrep_jax.rep.tree import get_at, structure_of, top_level_slots  # noqa: E402
 from dyrep_jax.steps import (  # noqa: E402
     StepCache,
     make_eval_step,
@@ -67,7 +68,8 @@ CIFAR_RECIPE_ADJUSTS = 500 // 15
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(SETUPS), help="comma list of models")
+    parser.add_argument("--models", default=None,
+                        help=f"comma list of {', '.join(SETUPS)} (default: all; --tiny: VGG)")
     parser.add_argument("--modes", default=",".join(MODES), help="comma list of plain,dyrep,dbb")
     parser.add_argument("--steps", type=int, default=50, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps after compiling")
@@ -89,6 +91,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.steps, args.warmup = min(args.steps, TINY["steps"]), min(args.warmup, TINY["warmup"])
     if args.isolate is None:
         args.isolate = not args.tiny
+    if args.models is None:
+        args.models = "vgg16_cifar" if args.tiny else ",".join(SETUPS)
+    if args.tiny:
+        quick_compiles()
     for name in split(args.models):
         if name not in SETUPS:
             parser.error(f"unknown model {name!r} (valid: {', '.join(SETUPS)})")
@@ -96,6 +102,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         if mode not in MODES:
             parser.error(f"unknown mode {mode!r} (valid: {', '.join(MODES)})")
     return args
+
+
+def quick_compiles() -> None:
+    """Cheaper LLVM passes for smoke runs (compile dominates them on a CPU).
+
+    Takes effect because no backend exists yet when the arguments are parsed.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = (f"{flags} --xla_backend_optimization_level=0 "
+                               "--xla_llvm_disable_expensive_passes=true").strip()
 
 
 def split(text: str) -> list[str]:

@@ -90,13 +90,13 @@ def test_sigterm_saves_mid_epoch_and_resume_is_exact(straight_run, tmp_path):
     straight_dir, _ = straight_run
     workdir = str(tmp_path)
     script = (
-        "import sys; sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
+        "import sys; sys.path.insert(0, {!r}); sys.path.insert(0, {!r})\n"
         "import logging; logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
         "from train_helpers import tiny_config\n"
         "from dyrep_jax import train\n"
-        "r = train.run(tiny_config(), %r)\n"
+        "r = train.run(tiny_config(), {!r})\n"
         "print('RESULT', r['status'], flush=True)\n"
-    ) % (ROOT, os.path.join(ROOT, "tests"), workdir)
+    ).format(ROOT, os.path.join(ROOT, "tests"), workdir)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
            "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,

@@ -4,6 +4,10 @@
 holds `kernel` (HWIO) and maybe `bias`; a block holds one sub-tree per branch
 (see `tree.py` for the layout). Convs run in the dtype of `x` (bf16 or f32);
 BN statistics stay float32.
+
+`apply_block_branchwise` is the definition: each branch on its own, as the
+reference computes it. `apply_block` gives the same results with less work
+(`fast.py`: the fused conv at inference, shared 1x1 conv + BN in training).
 """
 
 from __future__ import annotations
@@ -53,23 +57,52 @@ def is_block(params) -> bool:
     return "kxk" in params
 
 
+def apply_plain(params, x, geom: ConvGeometry):
+    """A plain slot: one conv (+ bias)."""
+    p = geom.pad
+    y = conv2d(x, params["kernel"], geom.stride, ((p, p), (p, p)), geom.groups)
+    if "bias" in params:
+        y = y + params["bias"].astype(y.dtype)
+    return y
+
+
 def apply_slot(params, stats, x, geom: ConvGeometry, train: bool, momentum: float = MOMENTUM,
                eps: float = EPS):
     """Run one slot; returns (y, new_stats) with new_stats shaped like `stats`."""
     if not is_block(params):
-        p = geom.pad
-        y = conv2d(x, params["kernel"], geom.stride, ((p, p), (p, p)), geom.groups)
-        if "bias" in params:
-            y = y + params["bias"].astype(y.dtype)
-        return y, stats
+        return apply_plain(params, x, geom), stats
     return apply_block(params, stats, x, geom, train, momentum, eps)
+
+
+def apply_slot_branchwise(params, stats, x, geom: ConvGeometry, train: bool,
+                          momentum: float = MOMENTUM, eps: float = EPS):
+    """`apply_slot` with every block (nested ones too) computed branch by branch."""
+    if not is_block(params):
+        return apply_plain(params, x, geom), stats
+    return apply_block_branchwise(params, stats, x, geom, train, momentum, eps)
+
+
+def check_block(params) -> None:
+    unknown = set(params) - set(BRANCH_NAMES)
+    if unknown:
+        raise ValueError(f"unknown branch(es) {sorted(unknown)} in block params")
 
 
 def apply_block(params, stats, x, geom: ConvGeometry, train: bool, momentum: float = MOMENTUM,
                 eps: float = EPS):
-    unknown = set(params) - set(BRANCH_NAMES)
-    if unknown:
-        raise ValueError(f"unknown branch(es) {sorted(unknown)} in block params")
+    """A block's output; equal to `apply_block_branchwise` up to float rounding."""
+    from dyrep_jax.rep import fast  # fast -> fuse -> apply: import at call time
+
+    check_block(params)
+    if train:
+        return fast.train_block(params, stats, x, geom, momentum, eps)
+    return fast.fused_block(params, stats, x, geom, eps)
+
+
+def apply_block_branchwise(params, stats, x, geom: ConvGeometry, train: bool,
+                           momentum: float = MOMENTUM, eps: float = EPS):
+    """Every branch computed on its own: the reference semantics (and the tests' oracle)."""
+    check_block(params)
     k, s, p, g = geom.kernel_size, geom.stride, geom.pad, geom.groups
     new_stats = {}
     out = None
@@ -83,8 +116,8 @@ def apply_block(params, stats, x, geom: ConvGeometry, train: bool, momentum: flo
     for branch in [b for b in BRANCH_NAMES if b in params]:  # fixed order: same rounding
         bp = params[branch]
         if branch == "kxk":
-            z, conv_stats = apply_slot(bp["conv"], stats[branch].get("conv", {}), x, geom,
-                                       train, momentum, eps)
+            z, conv_stats = apply_slot_branchwise(bp["conv"], stats[branch].get("conv", {}), x,
+                                                  geom, train, momentum, eps)
             y, _ = bn(branch, "bn", z)
             if "conv" in stats[branch]:
                 new_stats[branch]["conv"] = conv_stats
@@ -95,8 +128,9 @@ def apply_block(params, stats, x, geom: ConvGeometry, train: bool, momentum: flo
             z = conv2d(x, bp["conv1"]["kernel"], 1, ((0, 0), (0, 0)), g)
             z, (_, c) = bn(branch, "bn1", z)
             z = pad_with_values(z, p, c)
-            z, conv_stats = apply_slot(bp["conv2"], stats[branch].get("conv2", {}), z,
-                                       child_geometry(geom, "1x1_kxk"), train, momentum, eps)
+            z, conv_stats = apply_slot_branchwise(bp["conv2"], stats[branch].get("conv2", {}), z,
+                                                  child_geometry(geom, "1x1_kxk"), train,
+                                                  momentum, eps)
             y, _ = bn(branch, "bn2", z)
             if "conv2" in stats[branch]:
                 new_stats[branch]["conv2"] = conv_stats

@@ -50,9 +50,6 @@ class KeyReader:
         self.missing: list[str] = []
         self.modules = {key.rsplit(".", 1)[0] for key in state}
 
-    def has(self, key: str) -> bool:
-        return key in self.state
-
     def has_under(self, module: str) -> bool:
         """Whether any key lives inside the torch module path `module`."""
         return any(m == module or m.startswith(module + ".") for m in self.modules)
@@ -69,9 +66,15 @@ class KeyReader:
         return [key for key in self.state if key not in self.used]
 
 
-def conv_kernel(weight):
-    """OIHW -> HWIO (None passes through, for a missing key)."""
-    return None if weight is None else np.transpose(weight, (2, 3, 1, 0))
+def take_conv(reader: KeyReader, key: str):
+    """A conv weight, OIHW -> HWIO (None when missing)."""
+    weight = reader.take(key)
+    if weight is None:
+        return None
+    if weight.ndim != 4:
+        raise ToolError(f"{key}: a conv weight must be 4-d (out, in/groups, kh, kw), got shape "
+                        f"{weight.shape}")
+    return np.transpose(weight, (2, 3, 1, 0))
 
 
 def read_bn(reader: KeyReader, module: str):
@@ -84,7 +87,11 @@ def read_bn(reader: KeyReader, module: str):
 
 
 def read_dense(reader: KeyReader, module: str) -> dict:
+    """A Linear: weight (out, in) -> kernel (in, out)."""
     weight = reader.take(f"{module}.weight")
+    if weight is not None and weight.ndim != 2:
+        raise ToolError(f"{module}.weight: a linear weight must be 2-d (out, in), got shape "
+                        f"{weight.shape}")
     return {"kernel": None if weight is None else weight.T, "bias": reader.take(f"{module}.bias")}
 
 
@@ -92,7 +99,7 @@ def read_slot(reader: KeyReader, module: str, blocks: dict):
     """(params, stats) of the conv slot at `module`; records each block in `blocks`."""
     if any(reader.has_under(f"{module}.{name}") for name in TORCH_BRANCH.values()):
         return read_block(reader, module, blocks)
-    params = {"kernel": conv_kernel(reader.take(f"{module}.weight"))}
+    params = {"kernel": take_conv(reader, f"{module}.weight")}
     bias = reader.take(f"{module}.bias", optional=True)
     if bias is not None:
         params["bias"] = bias
@@ -119,7 +126,7 @@ def read_kxk(reader, where, blocks):
 def read_conv_bn(reader, where, blocks):
     """1x1, 1xk and kx1: one bias-free conv, then a BN."""
     bn_p, bn_s = read_bn(reader, f"{where}.bn")
-    kernel = conv_kernel(reader.take(f"{where}.conv.weight"))
+    kernel = take_conv(reader, f"{where}.conv.weight")
     return {"conv": {"kernel": kernel}, "bn": bn_p}, {"bn": bn_s}
 
 
@@ -128,7 +135,7 @@ def read_1x1_kxk(reader, where, blocks):
     bn1_p, bn1_s = read_bn(reader, f"{where}.bn1.bn")
     conv2_p, conv2_s = read_slot(reader, f"{where}.conv2", blocks)
     bn2_p, bn2_s = read_bn(reader, f"{where}.bn2")
-    params = {"conv1": {"kernel": conv_kernel(reader.take(f"{where}.conv1.weight"))},
+    params = {"conv1": {"kernel": take_conv(reader, f"{where}.conv1.weight")},
               "bn1": bn1_p, "conv2": conv2_p, "bn2": bn2_p}
     stats = {"bn1": bn1_s, "bn2": bn2_s, **({"conv2": conv2_s} if conv2_s else {})}
     return params, stats
@@ -140,7 +147,7 @@ def read_1x1_avg(reader, where, blocks):
     if not reader.has_under(f"{where}.conv"):
         return {"avgbn": avg_p}, {"avgbn": avg_s}
     bn_p, bn_s = read_bn(reader, f"{where}.bn.bn")
-    kernel = conv_kernel(reader.take(f"{where}.conv.weight"))
+    kernel = take_conv(reader, f"{where}.conv.weight")
     return ({"conv": {"kernel": kernel}, "bn": bn_p, "avgbn": avg_p},
             {"bn": bn_s, "avgbn": avg_s})
 

@@ -24,7 +24,8 @@ from dyrep_jax.tools.layout import layers_of
 def abstract_variables(model, image_shape) -> dict:
     """The model's freshly initialized variables as shapes only (plain slots)."""
     init = partial(model.init, train=False)
-    variables = to_plain_dict(jax.eval_shape(init, jax.random.PRNGKey(0), image_spec(image_shape)))
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)  # a raw PRNG key, never materialized
+    variables = to_plain_dict(jax.eval_shape(init, key, image_spec(image_shape)))
     variables.setdefault("batch_stats", {})
     return variables
 

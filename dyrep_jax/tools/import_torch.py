@@ -30,7 +30,7 @@ from dyrep_jax.tools.fit import abstract_variables, check_fits
 from dyrep_jax.tools.graph_check import check_graph
 from dyrep_jax.tools.layout import layers_of, slot_out_channels
 from dyrep_jax.tools.names import IMPORTABLE, naming_for
-from dyrep_jax.tools.run_writer import load_config, write_run
+from dyrep_jax.tools.run_writer import check_empty_target, load_config, write_run
 from dyrep_jax.tools.torch_file import load_reference
 
 
@@ -58,6 +58,7 @@ def main(argv=None) -> int:
 
 def run(argv) -> dict:
     args = parse_args(argv)
+    check_empty_target(args.out)
     config = load_config(args.config)
     ref = load_reference(args.checkpoint, args.trust_pickle)
     naming = naming_for(args.arch)

@@ -60,9 +60,12 @@ def load_images(path: str) -> np.ndarray:
         images = np.load(path, allow_pickle=False)
     except ValueError as exc:
         raise ToolError(f"cannot read {path} as a .npy array: {exc}") from exc
+    if not isinstance(images, np.ndarray) or not np.issubdtype(images.dtype, np.number):
+        raise ToolError(f"{path}: expected one numeric array saved with np.save")
     if images.ndim != 4:
+        hint = "; add a batch axis for a single image" if images.ndim == 3 else ""
         raise ToolError(f"{path}: expected images shaped (batch, height, width, channels), got "
-                        f"shape {images.shape}; add a batch axis for a single image")
+                        f"shape {images.shape}{hint}")
     return images.astype(np.float32, copy=False)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import jax
 import numpy as np
 
 from dyrep_jax import checkpoint as ckpt
@@ -44,10 +45,13 @@ def fresh_opt_state(config, params):
     tx = make_optimizer(name=o.name, schedule=cosine_schedule(o.lr, 1), momentum=o.momentum,
                         nesterov=o.nesterov, weight_decay=o.weight_decay,
                         decay_bn_and_bias=o.decay_bn_and_bias, grad_clip_norm=o.grad_clip_norm)
-    return tx.init(params)
+    return jax.jit(tx.init)(params)  # one compiled program, not one per leaf shape
 
 
 def check_empty_target(out_dir: str) -> None:
+    """Refuse to mix an import into an existing run (or to write over a file)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ToolError(f"--out {out_dir} exists and is not a directory")
     checkpoints = os.path.join(out_dir, "checkpoints")
     if os.path.isdir(checkpoints) and os.listdir(checkpoints):
         raise ToolError(f"{checkpoints} already holds checkpoints; choose a new --out directory")
