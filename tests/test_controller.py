@@ -256,3 +256,20 @@ def test_modes_and_dbb_initial_structure():
     assert structure and all(b == ["1x1", "1x1_kxk", "1x1_avg", "kxk"] for b in structure.values())
     for path, _ in [(p, 0) for p in eligible_slots(variables["params"])]:
         assert is_block_node(get_at(variables["params"], path[:-2]))  # only kxk convs inside
+
+
+def test_bn_recalibration_gives_cumulative_batch_statistics(tiny):
+    from dyrep_jax.rep import apply_slot
+    from dyrep_jax.steps import make_bn_recalibration_step
+
+    model, variables, geoms = tiny
+    recal = jax.jit(make_bn_recalibration_step(model))
+    xs = [normalize_images(i, MEAN, STD) for i, _ in batches(2, seed=11)]
+    got = [recal(variables, x) for x in xs]
+    stem = ("conv1", "conv")
+    for x, stats in zip(xs, got, strict=True):
+        z, _ = apply_slot(variables["params"]["conv1"]["conv"], {}, x, geoms[stem], train=False)
+        flat = np.asarray(z).reshape(-1, z.shape[-1])
+        np.testing.assert_allclose(stats["conv1"]["bn"]["mean"], flat.mean(0), atol=1e-5)
+        np.testing.assert_allclose(stats["conv1"]["bn"]["var"], flat.var(0, ddof=1), rtol=1e-4,
+                                   atol=1e-6)

@@ -146,7 +146,8 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(straight_run, tmp_pat
 def test_eight_devices_match_one_device(tmp_path):
     if jax.device_count() < 8:
         pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
-    cfg = dict(num_epochs=1, **{"dyrep.mode": "plain"})
+    # plain mode plus BN recalibration after the epoch: statistics must be global-batch ones
+    cfg = dict(num_epochs=1, **{"dyrep.mode": "plain", "dyrep.recal_bn_every_epoch": True})
     one = train.run(tiny_config(num_devices=1, **cfg), str(tmp_path / "one"))
     eight = train.run(tiny_config(num_devices=8, **cfg), str(tmp_path / "eight"))
     m1 = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")][0]
@@ -156,6 +157,11 @@ def test_eight_devices_match_one_device(tmp_path):
     p1, _ = final_params(str(tmp_path / "one"), tiny_config(num_devices=1, **cfg))
     p8, _ = final_params(str(tmp_path / "eight"), tiny_config(num_devices=8, **cfg))
     for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p8), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-3)
+    s1 = train.Trainer(tiny_config(num_devices=1, **cfg), str(tmp_path / "one")).restore()[0]
+    s8 = train.Trainer(tiny_config(num_devices=8, **cfg), str(tmp_path / "eight")).restore()[0]
+    for a, b in zip(jax.tree_util.tree_leaves(train.to_host(s1["batch_stats"])),
+                    jax.tree_util.tree_leaves(train.to_host(s8["batch_stats"])), strict=True):
         np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-3)
 
 
