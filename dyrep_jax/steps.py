@@ -7,6 +7,7 @@ compiles never; the seconds spent compiling are counted for the logs.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import jax
@@ -15,6 +16,8 @@ import optax
 
 from dyrep_jax.data import augment_on_device, normalize_images
 from dyrep_jax.dyrep import accumulate_scores
+
+log = logging.getLogger("dyrep_jax")
 
 
 def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
@@ -125,6 +128,7 @@ class StepCache:
             seconds = time.perf_counter() - start
             self.compile_seconds += seconds
             self.compile_log.append((name, seconds))
+            log.info("compiled %s step for a new structure in %.1fs", name, seconds)
             self._compiled[key] = compiled
         return compiled
 
