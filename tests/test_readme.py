@@ -13,7 +13,7 @@ def test_readme_python_api_snippet_runs():
     text = open(os.path.join(ROOT, "README.md")).read()
     section = text.split("## Python API", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    code = code.replace("width=1.0", "width=0.125")
+    code = code.replace("width = 1.0", "width = 0.125")
     images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
     scope = {"images": images}
     exec(compile(code, "README.md", "exec"), scope)  # noqa: S102

@@ -53,6 +53,11 @@ class RepConv(nn.Module):
             self.param("kernel", conv_kernel_init, (k, k, cin // self.groups, self.features))
             if self.use_bias:
                 self.param("bias", nn.initializers.zeros, (self.features,))
+        if "params" not in self.variables:
+            raise RepError(
+                f"{where}: the variables hold no parameters for this conv slot; they do not "
+                "match this model (check the model name, width and num_classes they were "
+                "made with)")
         params = to_plain_dict(self.variables["params"])
         stats = to_plain_dict(self.variables.get("batch_stats", {}))
         expect = cin // self.groups
