@@ -5,7 +5,7 @@ same seeds and a schedule scaled to fit, then writes a markdown report with, per
 test top-1 (mean and spread over seeds), fused test top-1, wall time, images/s, total
 compile seconds, training-time params and MACs at the end, and the structure evolution.
 
-  # CPU (anyone can repeat it; about 15 minutes on 2 cores):
+  # CPU (anyone can repeat it; at most about 15 minutes on 2 cores):
   python experiments/reproduce_cifar.py --profile cpu --npz DIR/cifar10_16k.npz
   # GPU (VGG-16, the reference recipe scaled to 30 epochs, adjust every 2 until 25, bf16):
   python experiments/reproduce_cifar.py --profile gpu --npz DIR/cifar10_16k.npz
@@ -34,14 +34,14 @@ PROFILES = {
     "cpu": {
         "config": "configs/cifar10_resnet18.py",
         "overrides": {
-            "model.width": 0.25, "model.dtype": "float32", "data.max_train_examples": 4096,
+            "model.width": 0.125, "model.dtype": "float32", "data.max_train_examples": 4096,
             "data.max_test_examples": 1000, "batch_size": 128, "eval_batch_size": 500,
-            "num_epochs": 8, "dyrep.adjust_interval": 2, "dyrep.max_adjust_epochs": 6,
+            "num_epochs": 10, "dyrep.adjust_interval": 2, "dyrep.max_adjust_epochs": 8,
             "dyrep.calib_batches": 4, "optim.lr": 0.1, "optim.min_lr": 0.0,
             "log_every_steps": 32,
         },
-        "what": "ResNet-18 (CIFAR stem) at width 0.25, first 4096 train / 1000 test images, "
-                "8 epochs, adjust every 2 epochs until epoch 6, float32, batch 128",
+        "what": "ResNet-18 (CIFAR stem) at width 0.125, first 4096 train / 1000 test images, "
+                "10 epochs, adjust every 2 epochs until epoch 8, float32, batch 128",
     },
     # the reference CIFAR recipe with epochs / adjust interval / last adjust scaled together
     "gpu": {
