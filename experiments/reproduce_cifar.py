@@ -132,7 +132,7 @@ def report(profile_name: str, profile: dict, results: dict, npz: str, seeds, arg
             f"{statistics.mean(r['compile_s'] for r in rs):.1f} | "
             f"{rs[0]['params'] / 1e6:.3f}M | {rs[0]['macs'] / 1e6:.1f}M | "
             f"{rs[0]['fused_params'] / 1e6:.3f}M | {rs[0]['fused_macs'] / 1e6:.1f}M |")
-    lines += ["", "Structure at the end (seed %d):" % seeds[0], ""]
+    lines += ["", f"Structure at the end (seed {seeds[0]}):", ""]
     for mode in ("rep", "dyrep"):
         rs = results.get(mode)
         if not rs:
