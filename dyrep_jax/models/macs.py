@@ -15,15 +15,19 @@ import numpy as np
 from dyrep_jax.models.variables import image_spec
 from dyrep_jax.rep.geometry import child_geometry
 from dyrep_jax.rep.introspect import slot_geometries
-from dyrep_jax.rep.tree import is_slot
+from dyrep_jax.rep.tree import get_at, is_slot
 
 
 def count_macs(model, variables, input_shape) -> int:
-    """MACs for one image of `input_shape` (H, W, C) under `variables`' structure."""
+    """MACs for one image of `input_shape` (H, W, C) under `variables`' structure.
+
+    Every branch of every (nested) block counts, each at its own resolution;
+    the average pool of `1x1_avg`, BN and biases count 0.
+    """
     params = variables["params"]
     total = 0
     for path, info in slot_geometries(model, variables, image_spec(input_shape)).items():
-        slot = _get(params, path)
+        slot = get_at(params, path)
         _, height, width, _ = info.input_shape
         total += slot_macs(slot, info.geometry, (height, width))
     return total + dense_macs(params)
@@ -72,9 +76,3 @@ def dense_macs(params) -> int:
         else:
             total += dense_macs(node)
     return total
-
-
-def _get(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import lru_cache, partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dyrep_jax.models.registry import default_initial_branches
-from dyrep_jax.rep import RepError, get_at, grow_slot, set_at, top_level_slots
+from dyrep_jax.rep import (
+    BRANCH_NAMES,
+    RepError,
+    check_branches,
+    get_at,
+    grow_slot,
+    set_at,
+    top_level_slots,
+)
 from dyrep_jax.rep.introspect import slot_geometries
 from dyrep_jax.rep.tree import to_plain_dict
 
@@ -25,20 +34,41 @@ def image_spec(input_shape, batch: int = 1):
 def init_variables(model, key, input_shape, initial_branches=None) -> dict:
     """{'params', 'batch_stats'} as plain dicts for images of `input_shape` (H, W, C).
 
-    Initialization runs no forward compute (`lazy_init`). `initial_branches`
-    is an optional rule `(slot path, ConvGeometry) -> branch names or None`;
-    each top-level slot it names branches for is grown (function-preserving)
-    with `grow_slot`. Without a rule the model's own default applies
-    (`default_initial_branches`: RepVGG's training form, else plain slots).
+    `initial_branches` is an optional rule `(slot path, ConvGeometry) ->
+    branch names or None`; each top-level slot it names branches for is grown
+    (function-preserving) with `grow_slot`. Without a rule the model's own
+    default applies (`default_initial_branches`: RepVGG's training form, else
+    plain slots); `lambda path, geometry: None` keeps every slot plain. Works
+    under `jax.eval_shape` (shapes only, nothing computed).
     """
     x = image_spec(input_shape)
-    init_key, grow_key = jax.random.split(key)
-    variables = to_plain_dict(model.lazy_init(init_key, x, train=False))
-    variables.setdefault("batch_stats", {})
     rule = initial_branches if initial_branches is not None else default_initial_branches(model)
-    if rule is None:
-        return variables
-    return grow_slots(model, variables, x, grow_key, rule)
+    # The non-partitionable threefry compiles several times faster on CPU, and
+    # init runs unsharded anyway.
+    with jax.threefry_partitionable(False):
+        init_key, grow_key = jax.random.split(key)
+        variables = to_plain_dict(compiled_init(model)(init_key, jnp.zeros(x.shape, x.dtype)))
+        variables.setdefault("batch_stats", {})
+        if rule is None:
+            return variables
+        return grow_slots(model, variables, x, grow_key, rule)
+
+
+def compiled_init(model):
+    """`model.init` as one compiled program (XLA drops its unused forward pass).
+
+    Cached per model (modules compare by their fields) so that re-initializing
+    the same architecture, grown or not, does not compile again.
+    """
+    try:
+        return _cached_init(model)
+    except TypeError:  # a module with unhashable fields: no caching
+        return jax.jit(partial(model.init, train=False))
+
+
+@lru_cache(maxsize=16)
+def _cached_init(model):
+    return jax.jit(partial(model.init, train=False))
 
 
 def grow_slots(model, variables, x, key, rule) -> dict:
@@ -52,11 +82,21 @@ def grow_slots(model, variables, x, key, rule) -> dict:
         branches = rule(path, geometry)
         if not branches:
             continue
-        block, block_stats = grow_slot(jax.random.fold_in(key, index), get_at(params, path),
-                                       geometry, branches, path=path)
-        params = set_at(params, path, block)
-        stats = set_at(stats, path, block_stats)
+        branches = check_branches(geometry, branches, path)
+        block, block_stats = _grow_compiled(jax.random.fold_in(key, index), get_at(params, path),
+                                            geometry, branches)
+        params = set_at(params, path, in_branch_order(block))
+        stats = set_at(stats, path, in_branch_order(block_stats))
     return {**variables, "params": params, "batch_stats": stats}
+
+
+def in_branch_order(block):
+    """A block's branches in reference order (a compiled function returns keys sorted)."""
+    return {branch: block[branch] for branch in BRANCH_NAMES if branch in block}
+
+
+# Compiled once per (geometry, branches): networks repeat a few geometries many times.
+_grow_compiled = jax.jit(grow_slot, static_argnames=("geom", "branches"))
 
 
 def count_params(variables) -> int:
