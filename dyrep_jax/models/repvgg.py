@@ -55,6 +55,9 @@ def training_branches(path, geometry):
     return tuple(b for b in REPVGG_BRANCHES if b in allowed)
 
 
+training_branches.last_gamma = 1.0  # RepVGG initializes every branch's BN at gamma 1
+
+
 class RepVGG(nn.Module):
     """RepVGG; modules `stage0`, `stage{s}_{j}` (ConvBN, no BN), `fc`.
 

@@ -19,6 +19,7 @@ from dyrep_jax.rep import (
     set_at,
     top_level_slots,
 )
+from dyrep_jax.rep.grow import LAST_BN_GAMMA
 from dyrep_jax.rep.introspect import slot_geometries
 from dyrep_jax.rep.tree import to_plain_dict
 
@@ -75,6 +76,7 @@ def grow_slots(model, variables, x, key, rule) -> dict:
     """Grow every top-level slot for which `rule(path, geometry)` names branches."""
     params, stats = variables["params"], variables["batch_stats"]
     geometries = slot_geometries(model, variables, x)
+    last_gamma = getattr(rule, "last_gamma", LAST_BN_GAMMA)  # a rule may set its branches' init
     for index, path in enumerate(top_level_slots(params)):
         if path not in geometries:
             raise RepError(f"{'.'.join(path)}: slot was not reached by the model's forward pass")
@@ -84,7 +86,7 @@ def grow_slots(model, variables, x, key, rule) -> dict:
             continue
         branches = check_branches(geometry, branches, path)
         block, block_stats = _grow_compiled(jax.random.fold_in(key, index), get_at(params, path),
-                                            geometry, branches)
+                                            geometry, branches, last_gamma=last_gamma)
         params = set_at(params, path, in_branch_order(block))
         stats = set_at(stats, path, in_branch_order(block_stats))
     return {**variables, "params": params, "batch_stats": stats}
@@ -96,7 +98,7 @@ def in_branch_order(block):
 
 
 # Compiled once per (geometry, branches): networks repeat a few geometries many times.
-_grow_compiled = jax.jit(grow_slot, static_argnames=("geom", "branches"))
+_grow_compiled = jax.jit(grow_slot, static_argnames=("geom", "branches", "last_gamma"))
 
 
 def count_params(variables) -> int:

@@ -83,10 +83,12 @@ def identity_bn_std(eps=EPS):
     return jnp.sqrt(1.0 + eps)
 
 
-def grow_slot(key, params, geom: ConvGeometry, branches, path=None, eps=EPS):
+def grow_slot(key, params, geom: ConvGeometry, branches, path=None, eps=EPS,
+              last_gamma: float = LAST_BN_GAMMA):
     """Plain slot -> block with `branches` (kxk always included), same inference output.
 
-    Returns (block_params, block_stats). Running statistics start at mean 0 /
+    `last_gamma` is the new branches' last-BN scale (0.01 as DyRep; RepVGG's
+    training form starts its branches at 1.0). Returns (block_params, block_stats). Running statistics start at mean 0 /
     var 1; after calibrating them, call `rebalance_kxk(block, stats, params)`.
     """
     check_geometry(geom, path)
@@ -102,7 +104,7 @@ def grow_slot(key, params, geom: ConvGeometry, branches, path=None, eps=EPS):
             block_p["kxk"] = {"conv": {"kernel": kern, "bias": bias}, "bn": bn_p}
             block_s["kxk"] = {"bn": bn_s}
         else:
-            block_p[branch], block_s[branch] = init_branch(bkey, branch, geom)
+            block_p[branch], block_s[branch] = init_branch(bkey, branch, geom, last_gamma)
     return rebalance_kxk(block_p, block_s, params, eps), block_s
 
 
