@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -34,16 +35,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from dyrep_jax import models  # noqa: E402
 from dyrep_jax.data.stats import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from dyrep_jax.dyrep import calibrate_block, dbb_initial_branches, eligible_slots  # noqa: E402
 from dyrep_jax.optim import cosine_schedule, make_optimizer, remap_opt_state  # noqa: E402
 from dyrep_jax.rep import allowed_branches  # noqa: E402
+from dyrep_jax.rep import apply as rep_apply  # noqa: E402
+from dyrep_jax.rep import fast as rep_fast  # noqa: E402
 from dyrep_jax.rep.introspect import slot_geometries  # noqa: E402
 from dyrep_jax.rep.network import cut_at, grow_at  # noqa: E402
-from dyrep_jax.rep.tree import get_at, structure_of, top_level_slots  # noqa: E402
+from dyrep_jax.rep.tree import get_at, is_block_node, structure_of, top_level_slots  # noqa: E402
 from dyrep_jax.steps import (  # noqa: E402
     StepCache,
     make_eval_step,
@@ -73,13 +75,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--modes", default=",".join(MODES), help="comma list of plain,dyrep,dbb")
     parser.add_argument("--steps", type=int, default=50, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps after compiling")
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--dtype", default=None, choices=("bfloat16", "float32"),
+                        help="compute dtype (default bfloat16; --tiny: float32, as CPUs emulate bf16)")
     parser.add_argument("--batch", type=int, default=0, help="override the model's batch")
     parser.add_argument("--width", type=float, default=1.0, help="width multiplier")
     parser.add_argument("--image-size", type=int, default=0, help="override the input size")
     parser.add_argument("--tiny", action="store_true", help="tiny widths/batches, 2 timed steps")
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                         help="one process per (model, mode); default: on unless --tiny")
+    parser.add_argument("--no-augment", action="store_true",
+                        help="normalize only, no CIFAR crop/flip/cutout (as the bare Flax anchor)")
+    parser.add_argument("--blocks", default="fast", choices=("fast", "unshared", "branchwise"),
+                        help="block forward: fast (default), fast without the shared 1x1 "
+                             "conv in training, or the branchwise reference (what "
+                             "rep/fast.py gains)")
     parser.add_argument("--no-extras", action="store_true",
                         help="skip the regrow compile and the inference measurements")
     parser.add_argument("--only", default="", help=argparse.SUPPRESS)  # MODEL:MODE (child)
@@ -91,6 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.steps, args.warmup = min(args.steps, TINY["steps"]), min(args.warmup, TINY["warmup"])
     if args.isolate is None:
         args.isolate = not args.tiny
+    if args.dtype is None:
+        args.dtype = "float32" if args.tiny else "bfloat16"
     if args.models is None:
         args.models = "vgg16_cifar" if args.tiny else ",".join(SETUPS)
     if args.tiny:
@@ -111,7 +122,8 @@ def quick_compiles() -> None:
     """
     flags = os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (f"{flags} --xla_backend_optimization_level=0 "
-                               "--xla_llvm_disable_expensive_passes=true").strip()
+                               "--xla_llvm_disable_expensive_passes=true "
+                               "--xla_cpu_use_fusion_emitters=false").strip()
 
 
 def split(text: str) -> list[str]:
@@ -122,16 +134,19 @@ def split(text: str) -> list[str]:
 
 
 def build(name: str, mode: str, args):
-    """(model, variables) of `name` in `mode`, on the host."""
+    """(model, variables) of `name` in `mode`; init and grows run as one jitted program."""
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     model = models.create_model(name, width=args.width, dtype=dtype,
                                 with_bn_after_3x3=mode != "dbb")
     rule = dbb_initial_branches if mode == "dbb" else None
-    variables = models.init_variables(model, jax.random.PRNGKey(0), input_shape(name, args),
-                                      initial_branches=rule)
-    if mode == "dyrep":
-        variables = mid_run_structure(model, variables, input_shape(name, args))
-    return model, variables
+    shape = input_shape(name, args)
+
+    def init(key):
+        variables = models.init_variables(model, key, shape, initial_branches=rule)
+        return grow_every_third(model, variables, shape) if mode == "dyrep" else variables
+
+    variables = jax.jit(init)(jax.random.PRNGKey(0))
+    return model, cut_every_other(variables) if mode == "dyrep" else variables
 
 
 def input_shape(name: str, args) -> tuple:
@@ -144,16 +159,24 @@ def top_geometries(model, variables, shape) -> dict:
     return {p: info.geometry for p, info in slot_geometries(model, variables, x).items()}
 
 
-def mid_run_structure(model, variables, shape):
-    """Grow every third eligible slot with all allowed branches; cut one branch from every
-    other grown block (deterministic: a fixed choice that rotates over the branches)."""
+def grow_every_third(model, variables, shape):
+    """Mid-run structure, part 1: every third eligible slot grown with all allowed branches."""
     params, stats = variables["params"], variables["batch_stats"]
     geoms = top_geometries(model, variables, shape)
-    grown = [p for i, p in enumerate(eligible_slots(params)) if i % 3 == 1]
-    for i, path in enumerate(grown):
+    for i, path in enumerate(eligible_slots(params)[1::3]):
         params, stats = grow_at(jax.random.fold_in(jax.random.PRNGKey(1), i), params, stats,
                                 path, geoms[path], allowed_branches(geoms[path]))
-    for i, path in enumerate(grown[::2]):
+    return {**variables, "params": params, "batch_stats": stats}
+
+
+def cut_every_other(variables):
+    """Mid-run structure, part 2: one branch cut from every other block, in rotation.
+
+    Eager: a cut looks at BN gammas to pick its exact formula.
+    """
+    params, stats = variables["params"], variables["batch_stats"]
+    blocks = [p for p in top_level_slots(params) if is_block_node(get_at(params, p))]
+    for i, path in enumerate(blocks[::2]):
         others = [b for b in get_at(params, path) if b != "kxk"]
         params, stats = cut_at(params, stats, path, [others[i % len(others)]])
     return {**variables, "params": params, "batch_stats": stats}
@@ -177,7 +200,7 @@ class Bench:
         self.dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
         self.batch = args.batch or setup["batch"]
         self.shape = input_shape(name, args)
-        self.augment = setup["augment"]
+        self.augment = "none" if args.no_augment else setup["augment"]
         self.mean = jnp.asarray(setup["mean"], jnp.float32)
         self.std = jnp.asarray(setup["std"], jnp.float32)
         self.num_classes = 10 if name.endswith("cifar") else 1000
@@ -194,18 +217,24 @@ class Bench:
     def record(self, kind: str, mode: str, **fields) -> dict:
         return {"kind": kind, "model": self.name, "mode": mode, "batch": self.batch,
                 "image_size": self.shape[0], "width": self.args.width, "dtype": self.args.dtype,
+                "augment": self.augment, "blocks_impl": self.args.blocks,
                 **fields, "device": device_string(), "jax": jax.__version__}
 
-    def train_state(self, variables, eligible):
-        """A fresh device copy: the step donates it, `variables` stay usable."""
-        params = variables["params"]
-        state = {
-            "params": params, "batch_stats": variables["batch_stats"],
-            "opt_state": self.tx.init(params),
-            "scores": np.zeros((len(eligible),), np.float32),
-            "score_steps": np.zeros((), np.int32), "step": np.zeros((), np.int32),
-        }
-        return jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), state)
+    def train_state(self, variables, eligible, opt_state=None):
+        """A fresh device copy (the step donates it; `variables` stay usable), built by one
+        jitted program rather than an eager op per leaf."""
+
+        def fresh(variables, opt_state):
+            params = variables["params"]
+            state = {
+                "params": params, "batch_stats": variables["batch_stats"],
+                "opt_state": self.tx.init(params) if opt_state is None else opt_state,
+                "scores": jnp.zeros((len(eligible),), jnp.float32),
+                "score_steps": jnp.zeros((), jnp.int32), "step": jnp.zeros((), jnp.int32),
+            }
+            return jax.tree_util.tree_map(jnp.copy, state)
+
+        return jax.jit(fresh)(variables, opt_state)
 
     def compile_train(self, model, state, eligible):
         """(compiled step, seconds to trace+lower+compile), as the trainer compiles it."""
@@ -236,6 +265,7 @@ class Bench:
         seconds = time.perf_counter() - start
         rec = self.record("train", mode, **rates(self.batch, self.args.steps, seconds),
                           compile_s=round(compile_s, 2), peak_mem_gib=peak_mem_gib(),
+                          **compiled_memory(step),
                           params_m=round(models.count_params(variables) / 1e6, 3),
                           blocks=len(structure_of(variables["params"])),
                           loss=float(metrics["loss"]))
@@ -254,7 +284,7 @@ class Bench:
         variables = {"params": params, "batch_stats": stats}
         eligible = eligible_slots(params)
         opt_state, _ = remap_opt_state(self.tx, state["opt_state"], params)
-        new_state = {**self.train_state(variables, eligible), "opt_state": opt_state}
+        new_state = self.train_state(variables, eligible, opt_state)
         _, compile_s = self.compile_train(model, new_state, eligible)
         _, eval_compile_s = self.compile_eval(model, variables)
         prepare = jax.jit(make_prepare_images(self.mean, self.std, self.augment, self.dtype))
@@ -301,6 +331,17 @@ def peak_mem_gib():
     return None if peak is None else round(peak / 2**30, 3)
 
 
+def compiled_memory(compiled) -> dict:
+    """XLA's own buffer sizes for the program (any backend, CPUs included): temp_gib is
+    what the step allocates beyond its arguments and outputs (activations kept for the
+    backward pass, mostly)."""
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - some backends do not report it
+        return {"xla_temp_gib": None}
+    return {"xla_temp_gib": round(stats.temp_size_in_bytes / 2**30, 4)}
+
+
 def device_string() -> str:
     d = jax.devices()[0]
     return f"{d.platform}:{d.device_kind}"
@@ -308,6 +349,9 @@ def device_string() -> str:
 
 def run_config(name: str, mode: str, args) -> list[dict]:
     """Every measurement of one (model, mode), in this process."""
+    if args.blocks == "branchwise":  # benchmark switches: the reference path, or no sharing
+        rep_apply.apply_block = rep_apply.apply_block_branchwise
+    rep_fast.SHARE_1X1 = args.blocks == "fast"
     bench = Bench(name, args)
     model, variables = build(name, mode, args)
     train, state = bench.time_train(model, variables, mode, grows=mode == "dyrep")
@@ -322,7 +366,7 @@ def run_config(name: str, mode: str, args) -> list[dict]:
         out.append(bench.time_infer(model, variables, mode))
     if mode == "plain":
         deploy = models.create_model(name, width=args.width, dtype=bench.dtype, deploy=True)
-        out.append(bench.time_infer(deploy, models.fuse_network(variables), "fused"))
+        out.append(bench.time_infer(deploy, jax.jit(models.fuse_network)(variables), "fused"))
     return out
 
 
@@ -331,8 +375,9 @@ def run_isolated(name: str, mode: str, args) -> list[dict]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--only", f"{name}:{mode}",
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--dtype", args.dtype,
            "--batch", str(args.batch), "--width", str(args.width),
-           "--image-size", str(args.image_size), "--no-isolate"]
+           "--image-size", str(args.image_size), "--blocks", args.blocks, "--no-isolate"]
     cmd += ["--no-extras"] if args.no_extras else []
+    cmd += ["--no-augment"] if args.no_augment else []
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0:
@@ -363,15 +408,27 @@ def ratios(name: str, records: list[dict]) -> dict:
                                        pick("infer", "plain", "img_per_s")),
         "dbb_mem/plain_mem": ratio(pick("train", "dbb", "peak_mem_gib"),
                                    pick("train", "plain", "peak_mem_gib")),
+        "dbb_xla_temp/plain_xla_temp": ratio(pick("train", "dbb", "xla_temp_gib"),
+                                             pick("train", "plain", "xla_temp_gib")),
         "regrow_compile_s": pick("regrow", "dyrep", "compile_s"),
     }
-    step_ms, first = pick("train", "dyrep", "step_ms"), pick("train", "dyrep", "compile_s")
-    regrow = out["regrow_compile_s"]
-    if name == "vgg16_cifar" and None not in (step_ms, first, regrow):
-        compile_total = first + CIFAR_RECIPE_ADJUSTS * regrow
-        run = CIFAR_RECIPE_STEPS * step_ms / 1000 + compile_total
-        out["recipe_compile_frac_est"] = round(compile_total / run, 4)
+    if name == "vgg16_cifar":
+        out["recipe_compile_frac_est"] = recipe_compile_fraction(pick)
     return out
+
+
+def recipe_compile_fraction(pick):
+    """Compile share of the CIFAR recipe's wall time, estimated from this run: the first
+    train compile plus, per adjustment, the train and eval re-compiles and the calibration,
+    against that plus every step at the dyrep step time (host input and eval left out)."""
+    parts = [pick("train", "dyrep", "compile_s"), pick("train", "dyrep", "step_ms"),
+             pick("regrow", "dyrep", "compile_s"), pick("regrow", "dyrep", "eval_compile_s"),
+             pick("regrow", "dyrep", "calib_s")]
+    if None in parts:
+        return None
+    first, step_ms, train_s, eval_s, calib_s = parts
+    compile_total = first + CIFAR_RECIPE_ADJUSTS * (train_s + eval_s + calib_s)
+    return round(compile_total / (CIFAR_RECIPE_STEPS * step_ms / 1000 + compile_total), 4)
 
 
 def emit(record: dict) -> None:
@@ -386,6 +443,9 @@ def main(argv=None) -> list[dict]:
         for rec in records:
             emit(rec)
         return records
+    # `timeout` sends SIGTERM: exit through Python so subprocess.run kills the child too
+    # (an orphan would keep holding the accelerator's memory)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     records = []
     for name in split(args.models):
         for mode in split(args.modes):

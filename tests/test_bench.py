@@ -3,6 +3,7 @@
 `apply_block` (shared 1x1 conv + BN in training, fused conv at inference) must equal
 the branchwise definition `apply_block_branchwise`, outputs and running statistics,
 for every branch kind, groups, stride, padding and nesting (tolerance as in test_rep).
+Since inference runs the fused conv, these are also the checks that fusion is exact.
 No timing is asserted: the smoke run only has to work and print well-formed lines.
 """
 
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import pytest
 from rep_helpers import max_abs, randomize_bn_params, randomize_stats
 
-from dyrep_jax.rep import ConvGeometry, allowed_branches, apply_slot, grow_slot
+from dyrep_jax.rep import ConvGeometry, allowed_branches, apply_slot, fast, grow_slot
 from dyrep_jax.rep.apply import apply_slot_branchwise
 from dyrep_jax.rep.fast import concat_channels, split_channels
 from dyrep_jax.rep.network import grow_at
@@ -66,7 +67,9 @@ def assert_same_as_branchwise(params, stats, geom, seed=3, dtype=jnp.float32):
 
 
 @pytest.mark.parametrize("groups,stride,k", list(itertools.product((1, 2, "dw"), (1, 2), (3, 5))))
-def test_fast_block_equals_branchwise_all_branches(groups, stride, k):
+@pytest.mark.parametrize("share", [True, False])
+def test_fast_block_equals_branchwise_all_branches(groups, stride, k, share, monkeypatch):
+    monkeypatch.setattr(fast, "SHARE_1X1", share)
     g = 4 if groups == "dw" else groups
     geom = ConvGeometry(4, 4, k, stride, None, g)
     params, stats = random_block(geom, allowed_branches(geom), seed=k + stride)

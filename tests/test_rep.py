@@ -5,6 +5,10 @@ summation orders in float32. With O(1) inputs and outputs of magnitude ~1-10,
 the rounding difference is ~1e-6 * sqrt(k*k*cin) per term; we require
 max |diff| <= 1e-4 * (1 + max |y|), which a real fusion bug (a wrong pad value,
 a missed BN, a transposed group) exceeds by orders of magnitude.
+
+Blocks run here through `apply_slot_branchwise`, the branch-by-branch reference:
+the default `apply_slot` runs an inference-mode block *as* its fused conv (and a
+faster shared-1x1 path in training), which tests/test_bench.py checks against it.
 """
 
 import itertools
@@ -22,7 +26,6 @@ from dyrep_jax.rep import (
     ConvGeometry,
     RepError,
     allowed_branches,
-    apply_slot,
     branch_importance,
     cut_branches,
     dep_decision,
@@ -30,6 +33,7 @@ from dyrep_jax.rep import (
     grow_slot,
     regrow_matching,
 )
+from dyrep_jax.rep.apply import apply_slot_branchwise as apply_slot
 from dyrep_jax.rep.geometry import branch_refusal
 from dyrep_jax.rep.network import cut_at, grow_at, slot_depth
 from dyrep_jax.rep.tree import all_slots, get_at, set_at, structure_of

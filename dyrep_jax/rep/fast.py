@@ -19,6 +19,10 @@ from dyrep_jax.rep.fuse import fuse_slot
 from dyrep_jax.rep.geometry import BRANCH_NAMES, ConvGeometry, child_geometry
 
 NO_PAD = ((0, 0), (0, 0))
+# Share the 1x1 convs of x in training. Measured on a CPU: about 5% slower on DBB blocks
+# (the concatenated conv and its gradient cost extra copies there); the win expected on a
+# GPU (fewer, bigger kernels) is still to be measured: bench_train.py --blocks unshared.
+SHARE_1X1 = True
 
 
 def fused_block(params, stats, x, geom: ConvGeometry, eps: float):
@@ -85,7 +89,7 @@ def shared_1x1(params, stats, x, geom: ConvGeometry, parts, momentum, eps):
 
 
 def train_block(params, stats, x, geom: ConvGeometry, momentum: float, eps: float):
-    """Training-mode block (batch statistics) with the shared 1x1 conv and BN."""
+    """Training-mode block (batch statistics) with the shared 1x1 conv and BN (`SHARE_1X1`)."""
     k, s, p, g = geom.kernel_size, geom.stride, geom.pad, geom.groups
     new_stats = {}
 
@@ -104,7 +108,7 @@ def train_block(params, stats, x, geom: ConvGeometry, momentum: float, eps: floa
 
     parts = shared_1x1_parts(params, geom)
     shared = {}
-    if len(parts) > 1:
+    if SHARE_1X1 and len(parts) > 1:
         results = shared_1x1(params, stats, x, geom, parts, momentum, eps)
         for (branch, _, bn_name), (y, st, c) in zip(parts, results, strict=True):
             new_stats.setdefault(branch, {})[bn_name] = st
