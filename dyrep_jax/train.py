@@ -317,6 +317,8 @@ class Trainer:
         if decisions:
             log.info("optimizer state remapped: %d kept, %d fresh, %d dropped", report["kept"],
                      report["fresh"], report["dropped"])
+            for name in ("train", "eval"):  # old structures do not come back: free them
+                self.steps.drop(name)
         new = self.host_state(variables, opt_state, host["step"])
         if not due:  # recalibration only: scores keep accumulating
             new["scores"], new["score_steps"] = host["scores"], host["score_steps"]

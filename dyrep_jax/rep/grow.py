@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from dyrep_jax.rep.apply import is_block
 from dyrep_jax.rep.bn import EPS, init_bn
-from dyrep_jax.rep.fuse import fuse_branch, fuse_slot
+from dyrep_jax.rep.fuse import fuse_branch
 from dyrep_jax.rep.geometry import (
     ConvGeometry,
     RepError,
@@ -151,9 +151,3 @@ def regrow_matching(block_params, block_stats, old_params, eps=EPS):
     """After calibrating a new block's stats: reset kxk stats and re-match the old conv."""
     stats = reset_kxk_stats(block_stats)
     return rebalance_kxk(block_params, stats, old_params, eps), stats
-
-
-def fused_equals_target(block_params, block_stats, target, eps=EPS):
-    """Max abs difference between the block's fused kernel and `target` (for checks)."""
-    fused = fuse_slot(block_params, block_stats, eps)
-    return float(jnp.max(jnp.abs(fused["kernel"] - target["kernel"])))
