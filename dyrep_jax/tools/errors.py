@@ -6,6 +6,7 @@ the model), so it is reported as one clear message, not a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -29,3 +30,11 @@ def name_list(names, limit: int = 40) -> str:
     shown = ", ".join(names[:limit])
     more = len(names) - limit
     return f"{shown}, ... and {more} more" if more > 0 else shown
+
+
+def check_directory_arg(path: str, flag: str, file_hint: str = "") -> None:
+    """Refuse a file passed where a network directory is expected, saying what is expected."""
+    if os.path.isfile(path):
+        hint = f"; {file_hint}" if file_hint else ""
+        raise ToolError(f"{flag} {path} is a file; expected a directory: a training workdir, an "
+                        f"imported run (import_torch --out) or a fused export (DIR/fused){hint}")

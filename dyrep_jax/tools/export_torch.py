@@ -21,7 +21,7 @@ import numpy as np
 
 from dyrep_jax.rep.tree import get_at
 from dyrep_jax.tools.arch import image_shape_of
-from dyrep_jax.tools.errors import ToolError, run_main
+from dyrep_jax.tools.errors import ToolError, check_directory_arg, run_main
 from dyrep_jax.tools.layout import in_call_order, layers_of
 from dyrep_jax.tools.names import naming_for
 from dyrep_jax.tools.network_dir import load_network
@@ -41,6 +41,9 @@ def main(argv=None) -> int:
 
 def run(argv) -> dict:
     args = parse_args(argv)
+    check_out_file(args.out)
+    check_directory_arg(args.checkpoint, "--checkpoint",
+                        "a .pth file is imported with dyrep_jax.tools.import_torch")
     net = load_network(args.checkpoint, fuse=True)
     naming = naming_for(net.arch["model"])
     order = in_call_order(layers_of(net.variables["params"]), net.model, net.variables,
@@ -50,6 +53,16 @@ def run(argv) -> dict:
     print(f"wrote {len(state)} tensors of the fused {net.arch['model']} ({net.source}) to "
           f"{args.out}")
     return state
+
+
+def check_out_file(path: str) -> None:
+    """--out must name a file (torch.save cannot write a folder); its folder is created."""
+    if os.path.isdir(path):
+        raise ToolError(f"--out {path} is a folder; give a file path such as "
+                        f"{os.path.join(path, 'model.pt')}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise ToolError(f"--out {path}: {parent} is a file, not a folder")
 
 
 def deploy_state_dict(params, naming, layers=None) -> dict:

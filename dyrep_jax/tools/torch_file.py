@@ -8,6 +8,9 @@ them, because a pickle can run code.
 
 from __future__ import annotations
 
+import os
+import pickletools
+import zipfile
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -17,6 +20,7 @@ from dyrep_jax.rep.geometry import BRANCH_NAMES
 from dyrep_jax.tools.errors import ToolError, name_list
 
 PREFIX = "module."
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first object of a legacy (pre-zip) torch.save file
 
 
 class Reference(NamedTuple):
@@ -28,16 +32,63 @@ class Reference(NamedTuple):
 def load_reference(path: str, trust_pickle: bool = False) -> Reference:
     import torch  # optional dependency: only the interop tools need it
 
+    check_torch_file(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except FileNotFoundError as exc:
-        raise ToolError(f"checkpoint file not found: {path}") from exc
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad input
-        hint = "" if trust_pickle else (
-            "; if the file holds other Python objects and you trust it, pass --trust-pickle")
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ToolError(f"cannot read {path} with torch.load: {first}{hint}") from exc
+        raise ToolError(load_failure(path, exc, trust_pickle)) from exc
     return parse_reference(obj, path)
+
+
+def check_torch_file(path: str) -> str:
+    """'zip' or 'legacy': the two formats torch.save writes; anything else is refused here.
+
+    Only the file's structure is read (zip directory, pickle opcodes); nothing is unpickled.
+    """
+    if not os.path.isfile(path):
+        what = "is a directory" if os.path.isdir(path) else "not found"
+        raise ToolError(f"checkpoint file {what}: {path}")
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if any(name.endswith("/data.pkl") for name in archive.namelist()):
+                return "zip"
+        raise ToolError(f"{path} is a zip archive but not a PyTorch checkpoint (no data.pkl "
+                        "inside)")
+    with open(path, "rb") as f:
+        head = f.read(4)
+        f.seek(0)
+        if head == b"PK\x03\x04":
+            raise ToolError(f"{path} starts like a PyTorch checkpoint (zip) but cannot be read "
+                            "as one: truncated or damaged? Copy it again")
+        if first_pickled_long(f) == LEGACY_MAGIC:
+            return "legacy"
+    raise ToolError(f"{path} is not a PyTorch checkpoint: neither a zip archive as torch.save "
+                    "writes nor a legacy torch file")
+
+
+def first_pickled_long(f):
+    """The long integer that opens a legacy torch file, read from opcodes (never executed)."""
+    try:
+        for opcode, arg, _ in pickletools.genops(f):
+            if opcode.name in ("LONG1", "LONG4", "LONG"):
+                return arg
+            if opcode.name != "PROTO":
+                return None
+    except Exception:  # noqa: BLE001 - not a pickle at all
+        return None
+    return None
+
+
+def load_failure(path: str, exc: Exception, trust_pickle: bool) -> str:
+    """One line for a torch.load failure; --trust-pickle is offered only for a safety refusal."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    first = lines[0] if lines else type(exc).__name__
+    if not trust_pickle and "Weights only load failed" in first:
+        detail = next((line for line in lines if "WeightsUnpickler error" in line), first)
+        detail = detail.split(". Please")[0][:300]
+        return (f"{path} holds Python objects other than tensors, which are not unpickled "
+                f"by default ({detail}); if you trust the file, pass --trust-pickle")
+    return f"cannot read {path} with torch.load: {first[:300]}"
 
 
 def parse_reference(obj, where: str = "checkpoint") -> Reference:
