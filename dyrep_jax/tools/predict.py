@@ -24,6 +24,7 @@ values far outside a normalized range (|x| > 20) get a loud warning.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -31,9 +32,7 @@ import jax
 import numpy as np
 
 from dyrep_jax import serving
-from dyrep_jax.tools.arch import image_shape_of, read_arch_file
 from dyrep_jax.tools.errors import ToolError, check_directory_arg, run_main
-from dyrep_jax.tools.network_dir import load_network
 
 UNNORMALIZED_ABOVE = 20.0  # |x| beyond this is far outside what normalized images reach
 
@@ -79,6 +78,10 @@ class NetworkRunner:
     """A network directory (run or fused export) and its jitted forward pass."""
 
     def __init__(self, directory: str, fuse: bool):
+        # Imported here: the --exported path runs without any model code.
+        from dyrep_jax.tools.arch import image_shape_of
+        from dyrep_jax.tools.network_dir import load_network
+
         check_directory_arg(directory, "--checkpoint", "for a .jaxexport file use --exported")
         net = load_network(directory, fuse=fuse)
         self.arch = net.arch
@@ -103,11 +106,23 @@ class ExportedRunner:
         except Exception as exc:  # noqa: BLE001 - anything unreadable is a bad input
             raise ToolError(f"{path} is not a jax.export artifact ({type(exc).__name__}); "
                             "expected DIR/fused/model.jaxexport written by training") from exc
-        self.arch = read_arch_file(os.path.dirname(os.path.abspath(path))) or {}
+        self.arch = read_json(os.path.join(os.path.dirname(os.path.abspath(path)), "arch.json"))
         self.image_shape = serving.exported_image_shape(exported)
         self.strict_shape = True
         self.source = f"exported {path}"
         self.apply = exported.call
+
+
+def read_json(path: str) -> dict:
+    """The arch.json beside an export ({} when absent: only --normalize needs it)."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            arch = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ToolError(f"cannot read {path}: {exc}") from exc
+    return arch if isinstance(arch, dict) else {}
 
 
 def output_path(path: str) -> str:
