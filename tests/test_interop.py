@@ -562,3 +562,68 @@ def test_predict_reports_bad_directories_and_images(resnet, tmp_path, capsys):
     assert predict.main(["--checkpoint", resnet["dir"], "--images", x, "--output", y]) == 2
     assert "expects 3" in capsys.readouterr().err
     assert not os.path.exists(y)
+
+
+# ----------------------------------------------------------------------------- not a checkpoint
+
+
+class NotATensor:
+    """A pickled object that weights-only loading refuses."""
+
+
+def import_error(path, tmp_path, capsys, *extra):
+    rc = import_torch.main(["--arch", "mobilenet_v1", "--checkpoint", str(path),
+                            "--out", str(tmp_path / "run"), *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    return err
+
+
+def test_files_that_are_not_pytorch_checkpoints_never_suggest_trust_pickle(
+        small_state, tmp_path, capsys):
+    import pickle
+    import zipfile
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "random.pth").write_bytes(rng.integers(0, 256, 4096, np.uint8).tobytes())
+    (tmp_path / "plain.pkl").write_bytes(pickle.dumps({"a": 1}))
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as archive:
+        archive.writestr("readme.txt", "not a checkpoint")
+    good = tmp_path / "good.pth"
+    torch.save(small_state, good)
+    (tmp_path / "cut.pth").write_bytes(good.read_bytes()[:good.stat().st_size // 2])
+    for name in ("random.pth", "plain.pkl"):
+        for extra in ((), ("--trust-pickle",)):
+            err = import_error(tmp_path / name, tmp_path, capsys, *extra)
+            assert "is not a PyTorch checkpoint" in err and "--trust-pickle" not in err
+    err = import_error(tmp_path / "other.zip", tmp_path, capsys)
+    assert "zip archive but not a PyTorch checkpoint" in err and "--trust-pickle" not in err
+    err = import_error(tmp_path / "cut.pth", tmp_path, capsys)
+    assert "truncated or damaged" in err and "--trust-pickle" not in err
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_trust_pickle_is_offered_only_when_safe_loading_refuses_objects(tmp_path, capsys):
+    path = tmp_path / "objects.pth"
+    torch.save({"model": {"w": torch.zeros(2)}, "extra": NotATensor()}, path)
+    err = import_error(path, tmp_path, capsys)
+    assert "holds Python objects other than tensors" in err and "NotATensor" in err
+    assert "pass --trust-pickle" in err
+    legacy = tmp_path / "legacy.pth"  # the pre-zip torch.save format still loads...
+    torch.save({"x": torch.zeros(1)}, legacy, _use_new_zipfile_serialization=False)
+    err = import_error(legacy, tmp_path, capsys)  # ...and is refused for its content only
+    assert "missing keys" in err and "PyTorch checkpoint" not in err
+
+
+def test_export_torch_out_folder_and_checkpoint_file_are_refused_in_one_line(
+        resnet, tmp_path, capsys):
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    assert export_torch.main(["--checkpoint", resnet["dir"], "--out", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder; give a file path such as" in err and err.count("\n") == 1
+    assert export_torch.main(["--checkpoint", resnet["file"], "--out",
+                              str(tmp_path / "m.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "is a file; expected a directory" in err and "import_torch" in err
+    assert not os.listdir(folder) and not os.path.exists(tmp_path / "m.pt")
