@@ -111,3 +111,43 @@ def test_single_process_is_primary_and_gets_a_run_id(tmp_path):
     secondary = WorkdirLock(tmp_path / "other", run_id="x", primary=False)
     with secondary:
         assert not os.path.exists(tmp_path / "other" / LOCK_FILE)
+
+
+POD_WORKER = """
+import json, os, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+port, index, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
+                           process_id=index)
+from jax.experimental import multihost_utils
+from dyrep_jax.workdir_lock import LOCK_FILE, lock_workdir
+with lock_workdir(workdir, run_id=f"proposed-by-{index}") as lock:
+    multihost_utils.sync_global_devices("locked")
+    with open(os.path.join(workdir, LOCK_FILE)) as f:
+        holder = json.load(f)
+    print("RESULT", json.dumps({"run_id": lock.run_id, "held": lock.held,
+                                "holder_pid": holder["pid"], "pid": os.getpid()}), flush=True)
+    multihost_utils.sync_global_devices("read")
+"""
+
+
+def test_multi_host_primary_holds_the_lock_and_every_process_shares_its_run_id(tmp_path):
+    import portpicker
+
+    port = portpicker.pick_unused_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+           "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, "-c", POD_WORKER, str(port), str(i),
+                               str(tmp_path)], cwd=REPO, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for i in range(2)]
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    results = []
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+        results.append(json.loads(out.split("RESULT", 1)[1].splitlines()[0]))
+    assert [r["held"] for r in results] == [True, False]
+    assert results[0]["run_id"] == results[1]["run_id"] == "proposed-by-0"
+    assert results[0]["holder_pid"] == results[1]["holder_pid"] == results[0]["pid"]
+    assert not os.path.exists(tmp_path / LOCK_FILE)
