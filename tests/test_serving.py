@@ -64,6 +64,16 @@ def test_export_file_has_a_symbolic_batch_and_matches_the_fused_network(fused):
         assert_close(np.asarray(exported.call(x)), fused["logits"](x))
 
 
+def test_the_docstring_snippet_loads_and_runs_the_file(fused):
+    snippet = [line.strip() for line in serving.__doc__.split("plain JAX")[1].splitlines()
+               if line.startswith("    ")]
+    assert len(snippet) == 3
+    code = "\n".join(snippet).replace("DIR/fused/model.jaxexport", fused["file"])
+    scope = {"images": images(2)}
+    exec(code, scope)  # noqa: S102 - the documented three lines, as a user runs them
+    assert_close(np.asarray(scope["logits"]), fused["logits"](images(2)))
+
+
 @pytest.mark.parametrize("batch_size", [2, 5])
 def test_predict_exported_equals_predict_on_the_fused_dir(fused, tmp_path, batch_size):
     x = images(5)
@@ -143,3 +153,5 @@ def test_a_file_given_as_checkpoint_or_a_folder_as_exported_says_what_is_expecte
     not_export.write_bytes(os.urandom(256))
     assert run_predict(tmp_path, x, "--exported", str(not_export))[0] == 2
     assert "is not a jax.export artifact" in capsys.readouterr().err
+    assert run_predict(tmp_path, x, "--exported", fused["file"], "--fused")[0] == 2
+    assert "--fused applies to --checkpoint only" in capsys.readouterr().err

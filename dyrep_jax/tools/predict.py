@@ -60,6 +60,8 @@ def run(argv) -> np.ndarray:
     args = parse_args(argv)
     if args.batch_size < 1:
         raise ToolError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.exported and args.fused:
+        raise ToolError("--fused applies to --checkpoint only: an exported network is fused")
     output = output_path(args.output)
     images = load_images(args.images)
     if args.exported:
