@@ -140,7 +140,7 @@ def output_path(path: str) -> str:
 
 
 def load_images(path: str) -> np.ndarray:
-    """The array in `path`, dtype kept (uint8 stays uint8 for --normalize)."""
+    """The finite 4-d array in `path`, dtype kept (uint8 stays uint8 for --normalize)."""
     if not os.path.isfile(path):
         raise ToolError(f"images file not found: {path}")
     try:
@@ -155,6 +155,11 @@ def load_images(path: str) -> np.ndarray:
                         f"shape {images.shape}{hint}")
     if images.shape[0] == 0:
         raise ToolError(f"{path} holds no image (batch size 0)")
+    finite = np.isfinite(images)
+    if not finite.all():
+        bad = np.unique(np.nonzero(~finite)[0])
+        raise ToolError(f"{path}: NaN or inf in {bad.size} of {images.shape[0]} images "
+                        f"(first: index {int(bad[0])}); fix or drop them")
     return images
 
 
@@ -180,7 +185,7 @@ def prepare_images(images: np.ndarray, arch: dict, normalize: bool) -> np.ndarra
 
 
 def check_images(images: np.ndarray, image_shape, strict_shape: bool) -> None:
-    """Refuse images the network cannot mean (see module docstring); warn on raw pixels."""
+    """Refuse images of another shape than the network's; warn on raw pixels."""
     image_shape = tuple(image_shape)
     if images.shape[-1] != image_shape[-1]:
         raise ToolError(f"images have {images.shape[-1]} channels (last axis of shape "
@@ -188,11 +193,6 @@ def check_images(images: np.ndarray, image_shape, strict_shape: bool) -> None:
     if strict_shape and images.shape[1:] != image_shape:
         raise ToolError(f"images are {images.shape[1:]} (H, W, C), the network was trained on "
                         f"{image_shape}; resize them to {image_shape[0]}x{image_shape[1]}")
-    finite = np.isfinite(images)
-    if not finite.all():
-        bad = np.unique(np.nonzero(~finite)[0])
-        raise ToolError(f"images hold NaN or inf in {bad.size} of {images.shape[0]} images "
-                        f"(first: index {int(bad[0])}); fix or drop them")
     peak = float(np.abs(images).max())
     if peak > UNNORMALIZED_ABOVE:
         print(f"WARNING: image values reach {peak:g}, far outside a normalized range: these "
