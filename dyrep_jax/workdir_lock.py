@@ -63,6 +63,11 @@ def pid_alive(pid: int, start_ticks: int | None) -> bool:
     return start_ticks is None or current is None or current == start_ticks
 
 
+def is_local(path) -> bool:
+    """A path of this machine's filesystem (no `scheme://`), where O_EXCL is available."""
+    return "://" not in os.fspath(path)
+
+
 def describe(holder: dict) -> str:
     return (f"run {holder.get('run_id', '?')} (pid {holder.get('pid', '?')} on host "
             f"{holder.get('host', '?')}, started {holder.get('started', '?')})")
@@ -117,7 +122,7 @@ class WorkdirLock:
     def _create(self) -> bool:
         """Create the lock file holding `info()`; False when it exists already."""
         data = json.dumps(self.info(), indent=1).encode()
-        if "://" not in os.fspath(self.path):
+        if is_local(self.path):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:

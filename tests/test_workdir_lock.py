@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from dyrep_jax import workdir_lock
 from dyrep_jax.workdir_lock import (
     LOCK_FILE,
     WorkdirLock,
@@ -150,4 +151,13 @@ def test_multi_host_primary_holds_the_lock_and_every_process_shares_its_run_id(t
     assert [r["held"] for r in results] == [True, False]
     assert results[0]["run_id"] == results[1]["run_id"] == "proposed-by-0"
     assert results[0]["holder_pid"] == results[1]["holder_pid"] == results[0]["pid"]
+    assert not os.path.exists(tmp_path / LOCK_FILE)
+
+
+def test_cloud_paths_take_the_lock_by_write_then_read_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(workdir_lock, "is_local", lambda path: False)  # no O_EXCL (gs://)
+    with WorkdirLock(tmp_path, run_id="cloud") as lock:
+        assert lock.held and read_lock(tmp_path)["run_id"] == "cloud"
+        with pytest.raises(WorkdirLockedError, match="run cloud"):
+            WorkdirLock(tmp_path, run_id="second").acquire()
     assert not os.path.exists(tmp_path / LOCK_FILE)
