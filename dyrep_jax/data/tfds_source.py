@@ -66,7 +66,7 @@ def _open(name: str, split: str, data_dir: str | None) -> Any:
         raise DataError(
             f"dataset {name!r} needs the packages tensorflow-datasets and grain "
             f"(pip install tensorflow-datasets grain), which are missing ({err}). "
-            "Without them, use local arrays: --data npz:PATH"
+            "Without them, use local arrays: --config.data.dataset=npz:PATH"
         ) from err
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
@@ -106,7 +106,7 @@ def not_prepared_error(
         f"`tfds.builder({name!r}, data_dir=DIR, file_format='array_record').download_and_prepare()`"
         f"{manual}; (2) set TFDS_DATA_DIR (or the config's data_dir) to a directory that "
         "already holds the prepared dataset; (3) use local arrays instead: "
-        "npz:PATH with uint8 x_train, y_train, x_test, y_test."
+        "--config.data.dataset=npz:PATH with uint8 x_train, y_train, x_test, y_test."
     )
 
 
