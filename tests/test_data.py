@@ -646,3 +646,14 @@ def test_one_example_followed_across_epochs_and_a_resume(id_npz):
     resumed_step, again = find(epoch_batches(resumed, 1, start_step=step), example)
     assert resumed_step == 0
     np.testing.assert_array_equal(again, in_epoch1)
+
+
+def test_process_workers_give_todays_batches_and_resume_exactly(id_npz):
+    pytest.importorskip("grain")
+    kwargs = {"augment": "imagenet_strong", "image_size": 8, "random_erasing": 0.5}
+    threads = epoch_batches(build("npz:" + id_npz, **kwargs), epoch=1)
+    workers = build("npz:" + id_npz, host_workers=2, **kwargs)
+    assert_same_batches(epoch_batches(workers, epoch=1), threads)
+    assert_same_batches(epoch_batches(workers, epoch=1, start_step=4), threads[4:])
+    with pytest.raises(DataError, match="host_workers"):
+        build("npz:" + id_npz, host_workers=-1, **kwargs)

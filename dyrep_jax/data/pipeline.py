@@ -10,7 +10,7 @@ import numpy as np
 
 from . import sampling
 from .catalog import open_source
-from .engines import Batch, grain_batches, thread_batches
+from .engines import Batch, grain_batches, process_batches, thread_batches
 from .errors import DataError
 from .kinds import AUGMENTS, HOST_AUGMENTS, Transform
 from .source import ArraySplit, Split, check_labels, head, label_range_message
@@ -43,6 +43,7 @@ class InputPipeline:
     eval_transform: Transform | None
     streaming: bool  # read through grain (TFDS) rather than a local thread pool
     host_threads: int
+    host_workers: int = 0  # >0: host transforms run in this many grain processes
 
     @property
     def num_train(self) -> int:
@@ -109,6 +110,9 @@ class InputPipeline:
                 image = transform(image, rng)
             return image, label
 
+        if self.host_workers > 0:
+            yield from process_batches(load, rows, self.host_workers)
+            return
         engine = grain_batches if self.streaming else thread_batches
         yield from engine(load, rows.reshape(-1), rows.shape[1], self.host_threads)
 
@@ -141,6 +145,7 @@ def build_input(
     random_erasing: float = 0.0,
     num_classes: int | None = None,
     host_threads: int | None = None,
+    host_workers: int = 0,
 ) -> InputPipeline:
     """Open dataset `name` and set up deterministic per-process train/eval iterators.
 
@@ -152,10 +157,14 @@ def build_input(
     `random_erasing` the erasing probability of both. `image_size` resizes on the host (None:
     native size, 224 for variable-size data). `num_classes` (None: the dataset's) bounds the
     labels, which are checked once here (streamed TFDS splits: metadata here, each label as
-    read). `host_threads` bounds the per-example decode/augment workers (default min(16, CPUs)).
+    read). `host_threads` bounds the per-example decode/augment threads (default min(16, CPUs));
+    `host_workers` > 0 runs the host transforms in that many grain processes instead (needs
+    grain; batches are identical either way).
     """
     _check_args(global_batch_size, eval_batch_size, process_index, process_count, augment)
     _check_strengths(color_jitter, random_erasing)
+    if host_workers < 0:
+        raise DataError(f"host_workers={host_workers} must be >= 0 (0: threads in this process)")
     source = open_source(name, data_dir)
     train = head(source.train, _check_limit("max_train_examples", max_train_examples))
     test = head(source.test, _check_limit("max_test_examples", max_test_examples))
@@ -180,6 +189,7 @@ def build_input(
         process_index=process_index, process_count=process_count,
         train_transform=train_transform, eval_transform=eval_transform,
         streaming=source.streaming and host_side, host_threads=threads,
+        host_workers=host_workers if host_side else 0,
     )
     if pipeline.steps_per_epoch == 0:
         raise DataError(
