@@ -300,18 +300,45 @@ def test_tfds_cifar10_through_data_source(tfds):
     assert sum(int(b["mask"].sum()) for b in inp.eval_iter()) == 40
 
 
-def test_tfds_imagenet_streams_variable_size_images_through_grain(tfds):
-    with tfds.testing.mock_data(num_examples=24):
-        inp = build("imagenet2012", global_batch_size=8, eval_batch_size=16,
-                    augment="imagenet", image_size=24)
-        assert inp.image_shape == (24, 24, 3) and inp.num_classes == 1000
-        np.testing.assert_allclose(inp.std, (0.229, 0.224, 0.225))
-        batches = epoch_batches(inp)
-        assert [b["image"].shape for b in batches] == [(8, 24, 24, 3)] * 3
-        assert_same_batches(batches[1:], epoch_batches(inp, 0, 1))
-        evals = list(inp.eval_iter())
+@pytest.fixture(scope="module")
+def jpeg_set(tmp_path_factory):
+    """A real local imagenet2012 (24 + 24 synthetic JPEGs) written by make_jpeg_set.py."""
+    pytest.importorskip("tensorflow_datasets")
+    pytest.importorskip("grain")
+    spec = importlib.util.spec_from_file_location(
+        "make_jpeg_set", REPO / "experiments" / "make_jpeg_set.py")
+    maker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(maker)
+    out = str(tmp_path_factory.mktemp("jpeg"))
+    maker.main(["--out", out, "--train", "24", "--validation", "24"])
+    return out
+
+
+def test_tfds_imagenet_streams_variable_size_jpegs(jpeg_set):
+    inp = build("imagenet2012", data_dir=jpeg_set, global_batch_size=8, eval_batch_size=16,
+                augment="imagenet", image_size=24, color_jitter=0.4)
+    assert inp.image_shape == (24, 24, 3) and inp.num_classes == 1000
+    np.testing.assert_allclose(inp.std, (0.229, 0.224, 0.225))
+    image, _ = inp.train.example(0)
+    assert image.dtype == np.uint8 and image.shape[2] == 3 and 320 <= image.shape[0] < 380
+    batches = epoch_batches(inp)
+    assert [b["image"].shape for b in batches] == [(8, 24, 24, 3)] * 3
+    assert_same_batches(batches[1:], epoch_batches(inp, 0, 1))
+    evals = list(inp.eval_iter())
     assert [int(b["mask"].sum()) for b in evals] == [16, 8]
     assert evals[0]["image"].shape == (16, 24, 24, 3)
+    workers = build("imagenet2012", data_dir=jpeg_set, global_batch_size=8, eval_batch_size=16,
+                    augment="imagenet", image_size=24, color_jitter=0.4, host_workers=2)
+    assert_same_batches(epoch_batches(workers, 0, 1), batches[1:])  # processes: same batches
+
+
+def test_decoding_ourselves_gives_tfds_pixels(jpeg_set, tfds):
+    decoded_by_tfds = tfds.data_source("imagenet2012", split="train", data_dir=jpeg_set)
+    inp = build("imagenet2012", data_dir=jpeg_set, global_batch_size=8, augment="imagenet",
+                image_size=24)
+    for index in (0, 5):
+        np.testing.assert_array_equal(inp.train.example(index)[0],
+                                      decoded_by_tfds[index]["image"])
 
 
 def test_unprepared_tfds_dataset_gives_one_clear_error(tfds, tmp_path, monkeypatch):
@@ -354,18 +381,19 @@ def test_labels_beyond_the_models_classes_are_refused(name):
         build(name, num_classes=5)
 
 
-def test_tfds_labels_checked_at_load_and_as_streamed(tfds):
+def test_tfds_labels_checked_at_load_and_as_streamed(tfds, jpeg_set):
     with tfds.testing.mock_data(num_examples=24):
         with pytest.raises(DataError, match=r"cifar10 \(train split\): labels span 0\.\.\d"):
             build("cifar10", global_batch_size=8, num_classes=1)  # cached arrays: every label
-        with pytest.raises(DataError, match=r"metadata\): labels span 0\.\.999 .* \[0, 10\)"):
-            build("imagenet2012", global_batch_size=8, augment="imagenet", image_size=8,
-                  num_classes=10)  # streamed: the dataset's class count
-        inp = build("imagenet2012", global_batch_size=8, augment="imagenet", image_size=8)
-        bad = type("BadLabels", (), {"__len__": lambda self: 24,
-                                     "example": lambda self, i: (np.zeros((9, 9, 3), np.uint8), 1000)})
-        with pytest.raises(DataError, match=r"labels span 1000\.\.1000"):
-            next(dataclasses.replace(inp, train=bad()).train_iter(0))  # and each label as read
+    with pytest.raises(DataError, match=r"metadata\): labels span 0\.\.999 .* \[0, 10\)"):
+        build("imagenet2012", data_dir=jpeg_set, global_batch_size=8, augment="imagenet",
+              image_size=8, num_classes=10)  # streamed: the dataset's class count
+    inp = build("imagenet2012", data_dir=jpeg_set, global_batch_size=8, augment="imagenet",
+                image_size=8)
+    bad = type("BadLabels", (), {"__len__": lambda self: 24,
+                                 "example": lambda self, i: (np.zeros((9, 9, 3), np.uint8), 1000)})
+    with pytest.raises(DataError, match=r"labels span 1000\.\.1000"):
+        next(dataclasses.replace(inp, train=bad()).train_iter(0))  # and each label as read
 
 
 # ----------------------------------------------------------------------------- device augmentation

@@ -17,8 +17,15 @@ from .randaugment import rand_augment, random_erasing
 EVAL_RESIZE_RATIO = 256 / 224  # resize the shorter side to 256 for a 224 centre crop
 
 
-def to_pil(image: np.ndarray) -> Image.Image:
+def to_pil(image: np.ndarray | Image.Image) -> Image.Image:
+    """A decoded PIL image passes through as is (streamed TFDS images arrive decoded)."""
+    if isinstance(image, Image.Image):
+        return image
     return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+
+
+def num_channels(image: np.ndarray | Image.Image) -> int:
+    return len(image.getbands()) if isinstance(image, Image.Image) else image.shape[-1]
 
 
 def from_pil(image: Image.Image, channels: int) -> np.ndarray:
@@ -91,7 +98,7 @@ def make_train_transform(
     strong = kind == "imagenet_strong"
 
     def transform(image: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
-        channels = image.shape[-1]
+        channels = num_channels(image)
         pil = random_resized_crop(to_pil(image), rng, size)
         if rng.random() < 0.5:
             pil = pil.transpose(Image.FLIP_LEFT_RIGHT)
@@ -111,6 +118,6 @@ def make_eval_transform(size: tuple[int, int]) -> Transform:
     """Deterministic resize + centre crop (also used to bring variable-size images to size)."""
 
     def transform(image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
-        return from_pil(resize_center_crop(to_pil(image), size), image.shape[-1])
+        return from_pil(resize_center_crop(to_pil(image), size), num_channels(image))
 
     return transform

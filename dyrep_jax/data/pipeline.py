@@ -99,10 +99,13 @@ class InputPipeline:
             yield from _slice_batches(split, rows)
             return
 
+        # streamed splits hand transforms the decoded PIL image: no round trip through numpy
+        read = getattr(split, "decoded_example", split.example) if transform else split.example
+
         def load(index: int) -> tuple[np.ndarray, int]:
             if index == sampling.PAD:
                 return np.zeros(self.image_shape, np.uint8), 0
-            image, label = split.example(index)
+            image, label = read(index)
             if not 0 <= label < self.num_classes:  # streamed splits: checked as they are read
                 raise DataError(label_range_message(self.name, label, label, self.num_classes))
             if transform is not None:
