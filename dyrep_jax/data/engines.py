@@ -29,12 +29,14 @@ def collate(examples: Sequence[Example]) -> Batch:
 def grain_batches(
     load: LoadFn, indices: np.ndarray, batch_size: int, num_threads: int
 ) -> Iterator[Batch]:
-    """Read with grain: a MapDataset over the index list, decoded by a pool of threads."""
+    """Read with grain: each of a pool of threads builds whole batches (one grain element per
+    batch, not per example: less hand-off per image), returned in order."""
     import grain
 
-    dataset = grain.MapDataset.source(indices).map(load)
-    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * batch_size)
-    yield from dataset.to_iter_dataset(options).batch(batch_size, batch_fn=collate)
+    rows = [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
+    dataset = grain.MapDataset.source(rows).map(_BatchLoader(load))
+    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=num_threads + 1)
+    yield from dataset.to_iter_dataset(options)
 
 
 def thread_batches(
