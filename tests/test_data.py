@@ -330,6 +330,9 @@ def test_tfds_imagenet_streams_variable_size_jpegs(jpeg_set):
     workers = build("imagenet2012", data_dir=jpeg_set, global_batch_size=8, eval_batch_size=16,
                     augment="imagenet", image_size=24, color_jitter=0.4, host_workers=2)
     assert_same_batches(epoch_batches(workers, 0, 1), batches[1:])  # processes: same batches
+    head = build("imagenet2012", data_dir=jpeg_set, global_batch_size=8, augment="imagenet",
+                 image_size=24, max_train_examples=16)
+    assert [b["image"].shape for b in epoch_batches(head)] == [(8, 24, 24, 3)] * 2
 
 
 def test_decoding_ourselves_gives_tfds_pixels(jpeg_set, tfds):

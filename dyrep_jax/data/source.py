@@ -84,6 +84,12 @@ class _HeadSplit:
             raise IndexError(index)
         return self.base.example(index)
 
+    def decoded_example(self, index: int):
+        """The base's decoded (PIL) example where it has one (streamed TFDS), else example()."""
+        if not 0 <= index < self.count:
+            raise IndexError(index)
+        return getattr(self.base, "decoded_example", self.base.example)(index)
+
 
 def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
     """Refuse labels outside [0, num_classes): they would train silently as an all-zero one-hot."""
