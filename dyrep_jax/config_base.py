@@ -27,6 +27,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.image_size = 0  # output size of ImageNet-style crops (0 = native size)
     c.data.max_train_examples = 0  # 0 = all; else use the first N (small runs)
     c.data.max_test_examples = 0  # 0 = all
+    c.data.color_jitter = 0.0  # augment=imagenet: brightness/contrast/saturation strength (0 = off)
+    c.data.random_erasing = 0.0  # imagenet augments: prob. of erasing one box with per-pixel noise
+    c.data.host_workers = 0  # host-augmented data: decode/augment in N grain processes (0 = threads)
 
     c.batch_size = 128  # global batch over all devices and hosts
     c.eval_batch_size = 256  # global

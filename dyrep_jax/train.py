@@ -162,7 +162,10 @@ class Trainer:
             process_index=jax.process_index(), process_count=jax.process_count(),
             augment=d.augment, image_size=d.image_size or None,
             max_train_examples=d.max_train_examples or None,
-            max_test_examples=d.max_test_examples or None)
+            max_test_examples=d.max_test_examples or None,
+            color_jitter=d.color_jitter, random_erasing=d.random_erasing,
+            host_workers=d.host_workers,
+            num_classes=config.model.num_classes or None)
         if self.inp.steps_per_epoch < 1:
             raise ValueError(f"batch_size {config.batch_size} exceeds the {self.inp.num_train} "
                              "training examples")

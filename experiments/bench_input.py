@@ -3,9 +3,16 @@
 Prints one JSON line. Optionally also times the jitted device augmentation on its own,
 since for CIFAR that part runs on the accelerator, not in the host iterator.
 
+With a host augment (imagenet, imagenet_strong) on a TFDS dataset, it also measures the
+ImageNet host pipeline against its anchor, in the same run: a bare one-core loop doing the
+same decode + crop + flip + jitter/RandAugment with PIL on JPEG bytes held in memory; our
+pipeline on one thread as a ratio to it; and our pipeline with 1 and 2 grain processes.
+
   python experiments/bench_input.py                          # synthetic CIFAR-shaped data
   python experiments/bench_input.py --data npz:cifar10.npz --batch 128 --steps 400
   python experiments/bench_input.py --tiny                   # a few seconds, for CI
+  python experiments/make_jpeg_set.py --out data_local/jpeg  # then:
+  python experiments/bench_input.py --augment imagenet --data imagenet2012 --data-dir data_local/jpeg
 """
 
 from __future__ import annotations
@@ -18,8 +25,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dyrep_jax.data import augment_on_device, build_input  # noqa: E402
+from dyrep_jax.data.kinds import HOST_AUGMENTS  # noqa: E402
 
 DEFAULT_DATA = "synthetic:32,32,3,10,50000,10000"
 TINY_DATA = "synthetic:32,32,3,10,2048,256"
@@ -36,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--device-aug", action="store_true", help="also time jitted augment_on_device")
     parser.add_argument("--tiny", action="store_true", help="small data and few steps (seconds)")
+    parser.add_argument("--rounds", type=int, default=3, help="anchor/ours rounds (best kept)")
+    parser.add_argument("--workers", default="1,2", help="grain process counts to time")
     args = parser.parse_args(argv)
     if args.tiny:
         args.data = TINY_DATA if args.data == DEFAULT_DATA else args.data
@@ -76,6 +87,10 @@ def time_device_aug(inp, steps: int) -> float:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.augment in HOST_AUGMENTS and not args.data.startswith(("npz:", "synthetic:", "digits")):
+        from host_pipeline_bench import compare_host_pipeline
+
+        return compare_host_pipeline(args)
     start = time.perf_counter()
     inp = build_input(
         args.data, data_dir=args.data_dir, global_batch_size=args.batch,

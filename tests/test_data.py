@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import subprocess
@@ -13,10 +14,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dyrep_jax.data import DataError, augment_on_device, build_input, normalize_images, sampling
+from dyrep_jax.data import (
+    DataError,
+    augment_on_device,
+    build_input,
+    normalize_images,
+    sampling,
+    warp_ops,
+)
 from dyrep_jax.data.engines import thread_batches
 from dyrep_jax.data.host_augment import make_eval_transform, make_train_transform
-from dyrep_jax.data.randaugment import RAND_OPS, random_erasing
+from dyrep_jax.data.randaugment import RAND_OPS, rand_augment, random_erasing
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -292,18 +300,48 @@ def test_tfds_cifar10_through_data_source(tfds):
     assert sum(int(b["mask"].sum()) for b in inp.eval_iter()) == 40
 
 
-def test_tfds_imagenet_streams_variable_size_images_through_grain(tfds):
-    with tfds.testing.mock_data(num_examples=24):
-        inp = build("imagenet2012", global_batch_size=8, eval_batch_size=16,
-                    augment="imagenet", image_size=24)
-        assert inp.image_shape == (24, 24, 3) and inp.num_classes == 1000
-        np.testing.assert_allclose(inp.std, (0.229, 0.224, 0.225))
-        batches = epoch_batches(inp)
-        assert [b["image"].shape for b in batches] == [(8, 24, 24, 3)] * 3
-        assert_same_batches(batches[1:], epoch_batches(inp, 0, 1))
-        evals = list(inp.eval_iter())
+@pytest.fixture(scope="module")
+def jpeg_set(tmp_path_factory):
+    """A real local imagenet2012 (24 + 24 synthetic JPEGs) written by make_jpeg_set.py."""
+    pytest.importorskip("tensorflow_datasets")
+    pytest.importorskip("grain")
+    spec = importlib.util.spec_from_file_location(
+        "make_jpeg_set", REPO / "experiments" / "make_jpeg_set.py")
+    maker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(maker)
+    out = str(tmp_path_factory.mktemp("jpeg"))
+    maker.main(["--out", out, "--train", "24", "--validation", "24"])
+    return out
+
+
+def test_tfds_imagenet_streams_variable_size_jpegs(jpeg_set):
+    inp = build("imagenet2012", data_dir=jpeg_set, global_batch_size=8, eval_batch_size=16,
+                augment="imagenet", image_size=24, color_jitter=0.4)
+    assert inp.image_shape == (24, 24, 3) and inp.num_classes == 1000
+    np.testing.assert_allclose(inp.std, (0.229, 0.224, 0.225))
+    image, _ = inp.train.example(0)
+    assert image.dtype == np.uint8 and image.shape[2] == 3 and 320 <= image.shape[0] < 380
+    batches = epoch_batches(inp)
+    assert [b["image"].shape for b in batches] == [(8, 24, 24, 3)] * 3
+    assert_same_batches(batches[1:], epoch_batches(inp, 0, 1))
+    evals = list(inp.eval_iter())
     assert [int(b["mask"].sum()) for b in evals] == [16, 8]
     assert evals[0]["image"].shape == (16, 24, 24, 3)
+    workers = build("imagenet2012", data_dir=jpeg_set, global_batch_size=8, eval_batch_size=16,
+                    augment="imagenet", image_size=24, color_jitter=0.4, host_workers=2)
+    assert_same_batches(epoch_batches(workers, 0, 1), batches[1:])  # processes: same batches
+    head = build("imagenet2012", data_dir=jpeg_set, global_batch_size=8, augment="imagenet",
+                 image_size=24, max_train_examples=16)
+    assert [b["image"].shape for b in epoch_batches(head)] == [(8, 24, 24, 3)] * 2
+
+
+def test_decoding_ourselves_gives_tfds_pixels(jpeg_set, tfds):
+    decoded_by_tfds = tfds.data_source("imagenet2012", split="train", data_dir=jpeg_set)
+    inp = build("imagenet2012", data_dir=jpeg_set, global_batch_size=8, augment="imagenet",
+                image_size=24)
+    for index in (0, 5):
+        np.testing.assert_array_equal(inp.train.example(index)[0],
+                                      decoded_by_tfds[index]["image"])
 
 
 def test_unprepared_tfds_dataset_gives_one_clear_error(tfds, tmp_path, monkeypatch):
@@ -322,6 +360,43 @@ def test_data_dir_falls_back_to_env(tfds, tmp_path, monkeypatch):
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
     with pytest.raises(DataError, match=str(tmp_path)):
         build("cifar100")
+
+
+# ----------------------------------------------------------------------------- label range
+
+
+@pytest.mark.parametrize("y_train, num_classes, found", [
+    (np.arange(100) - 1, None, "-1..98"),  # a negative label
+    (np.arange(100), 40, "0..99"),  # more classes in the data than the model has
+])
+def test_npz_labels_outside_the_class_range_are_refused(tmp_path, y_train, num_classes, found):
+    path = write_npz(tmp_path / "labels.npz", y_train=y_train)
+    with pytest.raises(DataError, match="labels span " + found) as info:
+        build("npz:" + path, num_classes=num_classes)
+    message = str(info.value)
+    assert "\n" not in message and "model.num_classes" in message and "labels.npz" in message
+
+
+@pytest.mark.parametrize("name", ["digits", "synthetic:8,8,3,10,64,16"])
+def test_labels_beyond_the_models_classes_are_refused(name):
+    assert build(name, num_classes=10).num_classes == 10
+    with pytest.raises(DataError, match=r"labels span 0\.\.9 but must lie in \[0, 5\)"):
+        build(name, num_classes=5)
+
+
+def test_tfds_labels_checked_at_load_and_as_streamed(tfds, jpeg_set):
+    with tfds.testing.mock_data(num_examples=24):
+        with pytest.raises(DataError, match=r"cifar10 \(train split\): labels span 0\.\.\d"):
+            build("cifar10", global_batch_size=8, num_classes=1)  # cached arrays: every label
+    with pytest.raises(DataError, match=r"metadata\): labels span 0\.\.999 .* \[0, 10\)"):
+        build("imagenet2012", data_dir=jpeg_set, global_batch_size=8, augment="imagenet",
+              image_size=8, num_classes=10)  # streamed: the dataset's class count
+    inp = build("imagenet2012", data_dir=jpeg_set, global_batch_size=8, augment="imagenet",
+                image_size=8)
+    bad = type("BadLabels", (), {"__len__": lambda self: 24,
+                                 "example": lambda self, i: (np.zeros((9, 9, 3), np.uint8), 1000)})
+    with pytest.raises(DataError, match=r"labels span 1000\.\.1000"):
+        next(dataclasses.replace(inp, train=bad()).train_iter(0))  # and each label as read
 
 
 # ----------------------------------------------------------------------------- device augmentation
@@ -400,7 +475,7 @@ def test_random_crop_pads_with_black_pixels():
 @pytest.mark.parametrize("channels", [3, 1])
 def test_host_train_transform_shape_dtype_determinism(kind, channels):
     image = np.random.default_rng(0).integers(0, 256, (37, 53, channels), dtype=np.uint8)
-    transform = make_train_transform(kind, (20, 24), 0.4, [0.5] * channels, [0.25] * channels)
+    transform = make_train_transform(kind, (20, 24), 0.4, 0.2, [0.5] * channels, [0.25] * channels)
     outs = [transform(image, np.random.default_rng(seed)) for seed in (7, 7, 8)]
     assert outs[0].shape == (20, 24, channels) and outs[0].dtype == np.uint8
     np.testing.assert_array_equal(outs[0], outs[1])
@@ -491,3 +566,125 @@ def test_bench_input_tiny_runs():
     spec.loader.exec_module(bench)
     result = bench.main(["--tiny", "--device-aug", "--steps", "5"])
     assert result["host_images_per_s"] > 0 and result["device_aug_images_per_s"] > 0
+
+
+# ----------------------------------------------------------------------------- reference recipe ops
+
+REFERENCE_RAND_OPS = (  # the DyRep reference's _RAND_TRANSFORMS, in its order
+    "Distort", "Zoom", "Blur", "Skew", "AutoContrast", "Equalize", "Invert", "Rotate",
+    "PosterizeTpu", "Solarize", "SolarizeAdd", "Color", "Contrast", "Brightness", "Sharpness",
+    "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
+)
+
+
+def test_rand_augment_uses_the_reference_19_ops_with_unclipped_magnitude(monkeypatch):
+    from PIL import Image
+
+    assert tuple(RAND_OPS) == REFERENCE_RAND_OPS
+    levels, names = [], set()
+    for name in RAND_OPS:
+        monkeypatch.setitem(RAND_OPS, name, lambda im, level, rng, name=name:
+                            (levels.append(level), names.add(name), im)[2])
+    image = Image.new("RGB", (8, 8))
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        rand_augment(image, rng, magnitude=9.0, magnitude_std=3.0)
+    assert names == set(REFERENCE_RAND_OPS)  # every op is drawn
+    assert max(levels) > 10 and min(levels) < 0  # N(9, std) is not clipped to [0, 10]
+    assert 0.4 < len(levels) / 800 < 0.6  # each drawn op applied with probability 0.5
+
+
+def test_distort_moves_the_inner_grid_vertex_only_from_level_10():
+    from PIL import Image
+
+    image = Image.fromarray(np.arange(40 * 40, dtype=np.uint16).reshape(40, 40).astype(np.uint8))
+    grid = np.asarray(image, np.int32)
+    below = np.asarray(warp_ops.distort(image, 9.9, None), np.int32)  # one tile: near identity
+    assert np.abs(below - grid).mean() < 2
+    warped = np.asarray(warp_ops.distort(image, 10.0, None), np.int32)  # 2x2 tiles, shift 20
+    # the inner vertex (20, 20) of the output samples the input at (40, 40): far from identity
+    assert np.abs(warped - grid)[10:30, 10:30].mean() > 20
+
+
+def test_skew_coefficients_send_pushed_corners_to_the_image_corners():
+    width, height, shift = 30, 20, 7
+    a, b, c, d, e, f, g, h = warp_ops.skew_coefficients(width, height, shift)
+    pushed = [(-shift, 0), (width, -shift), (width + shift, height), (0, height + shift)]
+    corners = [(0, 0), (width, 0), (width, height), (0, height)]
+    for (x, y), (u, v) in zip(pushed, corners, strict=True):  # PIL's perspective formula
+        denominator = g * x + h * y + 1
+        assert (a * x + b * y + c) / denominator == pytest.approx(u, abs=1e-9)
+        assert (d * x + e * y + f) / denominator == pytest.approx(v, abs=1e-9)
+
+
+def test_zoom_shrinks_into_a_black_frame_and_posterize_zero_bits_is_black():
+    from PIL import Image
+
+    from dyrep_jax.data.randaugment import _posterize
+
+    image = Image.new("RGB", (41, 30), (200, 200, 200))
+    zoomed = np.asarray(warp_ops.zoom(image, 9.0, None))  # factor 0.36
+    assert zoomed.shape == (30, 41, 3) and zoomed[0, 0].max() == 0
+    assert zoomed[15, 20].min() > 150  # the shrunken image sits in the centre
+    assert np.asarray(_posterize(image, 1.0, None)).max() == 0
+
+
+@pytest.mark.parametrize("kind", ["imagenet", "imagenet_strong"])
+def test_random_erasing_probability_and_per_pixel_noise(kind):
+    image = np.full((40, 40, 3), 255, np.uint8)
+    mean, std = [0.5] * 3, [0.25] * 3
+    erased = make_train_transform(kind, (32, 32), 0.0, 1.0, mean, std)
+    never = make_train_transform(kind, (32, 32), 0.0, 0.0, mean, std)
+    seeds = range(20)
+    hits = [erased(image, np.random.default_rng(s)) < 250 for s in seeds]
+    if kind == "imagenet":  # crop + flip of a constant image: only erasing changes pixels
+        assert all(hit.any() for hit in hits)
+        assert not any((never(image, np.random.default_rng(s)) < 250).any() for s in seeds)
+    box = erased(image, np.random.default_rng(0))[hits[0].any(-1)]
+    assert len(np.unique(box)) > 20  # per-pixel noise, not one colour
+
+
+def test_color_jitter_strength_is_a_parameter_and_zero_is_off():
+    image = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    stats = [0.5] * 3, [0.25] * 3
+    plain = make_train_transform("imagenet", (32, 32), 0.0, 0.0, *stats)
+    jitter = make_train_transform("imagenet", (32, 32), 0.4, 0.0, *stats)
+    seed = np.random.default_rng
+    assert not np.array_equal(plain(image, seed(1)), jitter(image, seed(1)))
+    with pytest.raises(DataError, match="color_jitter"):
+        build("digits", augment="imagenet", color_jitter=-0.1)
+    with pytest.raises(DataError, match="random_erasing"):
+        build("digits", augment="imagenet", random_erasing=1.5)
+
+
+def test_one_example_followed_across_epochs_and_a_resume(id_npz):
+    """Example 5's pixels: new each epoch, identical when the epoch is resumed mid-way."""
+    kwargs = {"augment": "imagenet", "image_size": 8, "color_jitter": 0.4, "random_erasing": 0.5}
+
+    def find(batches, example):
+        for step, batch in enumerate(batches):
+            rows = np.flatnonzero(batch["label"] == example)
+            if rows.size:
+                return step, batch["image"][rows[0]]
+        raise AssertionError(f"example {example} not in the epoch")
+
+    inp = build("npz:" + id_npz, **kwargs)
+    example = 5
+    _, in_epoch0 = find(epoch_batches(inp, 0), example)
+    step, in_epoch1 = find(epoch_batches(inp, 1), example)
+    assert not np.array_equal(in_epoch0, in_epoch1)  # the augmentation seed follows the epoch
+    resumed = build("npz:" + id_npz, **kwargs)  # a fresh process resuming epoch 1 at `step`
+    resumed_step, again = find(epoch_batches(resumed, 1, start_step=step), example)
+    assert resumed_step == 0
+    np.testing.assert_array_equal(again, in_epoch1)
+
+
+def test_process_workers_give_todays_batches_and_resume_exactly(id_npz):
+    pytest.importorskip("grain")
+    kwargs = {"augment": "imagenet_strong", "image_size": 8, "random_erasing": 0.5}
+    threads = epoch_batches(build("npz:" + id_npz, **kwargs), epoch=1)
+    workers = build("npz:" + id_npz, host_workers=2, **kwargs)
+    assert_same_batches(epoch_batches(workers, epoch=1), threads)
+    assert_same_batches(epoch_batches(workers, epoch=1, start_step=4), threads[4:])
+    with pytest.raises(DataError, match="host_workers"):
+        build("npz:" + id_npz, host_workers=-1, **kwargs)

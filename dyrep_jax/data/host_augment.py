@@ -17,8 +17,15 @@ from .randaugment import rand_augment, random_erasing
 EVAL_RESIZE_RATIO = 256 / 224  # resize the shorter side to 256 for a 224 centre crop
 
 
-def to_pil(image: np.ndarray) -> Image.Image:
+def to_pil(image: np.ndarray | Image.Image) -> Image.Image:
+    """A decoded PIL image passes through as is (streamed TFDS images arrive decoded)."""
+    if isinstance(image, Image.Image):
+        return image
     return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+
+
+def num_channels(image: np.ndarray | Image.Image) -> int:
+    return len(image.getbands()) if isinstance(image, Image.Image) else image.shape[-1]
 
 
 def from_pil(image: Image.Image, channels: int) -> np.ndarray:
@@ -80,17 +87,18 @@ def resize_center_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image
 
 
 def make_train_transform(
-    kind: str, size: tuple[int, int], color_jitter_strength: float, mean, std
+    kind: str, size: tuple[int, int], color_jitter_strength: float, erasing_prob: float, mean, std
 ) -> Transform:
     """'imagenet': crop, flip, color jitter. 'imagenet_strong': crop, flip, RandAugment
-    (m9, mstd 0.5, 2 ops) and random erasing p=0.2. As in the DyRep reference, color jitter is
-    used only when RandAugment is not."""
+    (the reference's 19 ops, m9, mstd 0.5 unclipped, 2 ops). Either one then erases a
+    rectangle with per-pixel noise with probability `erasing_prob`. As in the DyRep reference,
+    color jitter is used only when RandAugment is not."""
     if kind not in HOST_AUGMENTS:
         raise ValueError(f"unknown host augmentation {kind!r}; expected one of {HOST_AUGMENTS}")
     strong = kind == "imagenet_strong"
 
     def transform(image: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
-        channels = image.shape[-1]
+        channels = num_channels(image)
         pil = random_resized_crop(to_pil(image), rng, size)
         if rng.random() < 0.5:
             pil = pil.transpose(Image.FLIP_LEFT_RIGHT)
@@ -99,8 +107,8 @@ def make_train_transform(
         else:
             pil = color_jitter(pil, rng, color_jitter_strength)
         out = from_pil(pil, channels)
-        if strong:
-            out = random_erasing(out, rng, mean, std)
+        if erasing_prob > 0:
+            out = random_erasing(out, rng, mean, std, prob=erasing_prob)
         return out
 
     return transform
@@ -110,6 +118,6 @@ def make_eval_transform(size: tuple[int, int]) -> Transform:
     """Deterministic resize + centre crop (also used to bring variable-size images to size)."""
 
     def transform(image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
-        return from_pil(resize_center_crop(to_pil(image), size), image.shape[-1])
+        return from_pil(resize_center_crop(to_pil(image), size), num_channels(image))
 
     return transform

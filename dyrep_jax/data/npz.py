@@ -75,6 +75,4 @@ def _make_split(path: str, arrays: dict[str, np.ndarray], split: str) -> ArraySp
             f"{path}: key {y_key!r} has {labels.shape[0]} labels but {x_key!r} has "
             f"{images.shape[0]} images; expected one label per image"
         )
-    if labels.size and labels.min() < 0:
-        raise DataError(f"{path}: key {y_key!r} has negative labels; expected 0..num_classes-1")
     return ArraySplit(np.ascontiguousarray(images), labels.astype(np.int32))

@@ -10,10 +10,10 @@ import numpy as np
 
 from . import sampling
 from .catalog import open_source
-from .engines import Batch, grain_batches, thread_batches
+from .engines import Batch, grain_batches, process_batches, thread_batches
 from .errors import DataError
 from .kinds import AUGMENTS, HOST_AUGMENTS, Transform
-from .source import ArraySplit, Split, head
+from .source import ArraySplit, Split, check_labels, head, label_range_message
 
 DEFAULT_IMAGE_SIZE = 224  # output size for variable-size datasets when image_size is None
 
@@ -43,6 +43,7 @@ class InputPipeline:
     eval_transform: Transform | None
     streaming: bool  # read through grain (TFDS) rather than a local thread pool
     host_threads: int
+    host_workers: int = 0  # >0: host transforms run in this many grain processes
 
     @property
     def num_train(self) -> int:
@@ -98,15 +99,23 @@ class InputPipeline:
             yield from _slice_batches(split, rows)
             return
 
+        # streamed splits hand transforms the decoded PIL image: no round trip through numpy
+        read = getattr(split, "decoded_example", split.example) if transform else split.example
+
         def load(index: int) -> tuple[np.ndarray, int]:
             if index == sampling.PAD:
                 return np.zeros(self.image_shape, np.uint8), 0
-            image, label = split.example(index)
+            image, label = read(index)
+            if not 0 <= label < self.num_classes:  # streamed splits: checked as they are read
+                raise DataError(label_range_message(self.name, label, label, self.num_classes))
             if transform is not None:
                 rng = None if epoch is None else sampling.example_rng(self.seed, epoch, index)
                 image = transform(image, rng)
             return image, label
 
+        if self.host_workers > 0:
+            yield from process_batches(load, rows, self.host_workers)
+            return
         engine = grain_batches if self.streaming else thread_batches
         yield from engine(load, rows.reshape(-1), rows.shape[1], self.host_threads)
 
@@ -135,8 +144,11 @@ def build_input(
     image_size: int | None = None,
     max_train_examples: int | None = None,
     max_test_examples: int | None = None,
-    color_jitter: float = 0.4,
+    color_jitter: float = 0.0,
+    random_erasing: float = 0.0,
+    num_classes: int | None = None,
     host_threads: int | None = None,
+    host_workers: int = 0,
 ) -> InputPipeline:
     """Open dataset `name` and set up deterministic per-process train/eval iterators.
 
@@ -144,11 +156,18 @@ def build_input(
     'synthetic:H,W,C,NUM_CLASSES,N_TRAIN,N_TEST'. Batch sizes are global (summed over all
     processes). `augment` picks the recipe: 'cifar' runs on the device (augment_on_device;
     the iterator yields raw pixels), 'imagenet'/'imagenet_strong' run on the host inside the
-    train iterator, with `color_jitter` as the jitter strength of 'imagenet'. `image_size`
-    resizes on the host (None: native size, 224 for variable-size data). `host_threads`
-    bounds the per-example decode/augment workers (default min(16, CPUs)).
+    train iterator, with `color_jitter` as the jitter strength of 'imagenet' and
+    `random_erasing` the erasing probability of both. `image_size` resizes on the host (None:
+    native size, 224 for variable-size data). `num_classes` (None: the dataset's) bounds the
+    labels, which are checked once here (streamed TFDS splits: metadata here, each label as
+    read). `host_threads` bounds the per-example decode/augment threads (default min(16, CPUs));
+    `host_workers` > 0 runs the host transforms in that many grain processes instead (needs
+    grain; batches are identical either way).
     """
     _check_args(global_batch_size, eval_batch_size, process_index, process_count, augment)
+    _check_strengths(color_jitter, random_erasing)
+    if host_workers < 0:
+        raise DataError(f"host_workers={host_workers} must be >= 0 (0: threads in this process)")
     source = open_source(name, data_dir)
     train = head(source.train, _check_limit("max_train_examples", max_train_examples))
     test = head(source.test, _check_limit("max_test_examples", max_test_examples))
@@ -158,19 +177,22 @@ def build_input(
     size = _output_size(native, image_size)
     host_side = augment in HOST_AUGMENTS or size != tuple(native[:2])
     train_transform, eval_transform = _host_transforms(
-        host_side, augment, size, color_jitter, source.mean, source.std
+        host_side, augment, size, (color_jitter, random_erasing), source.mean, source.std
     )
     if source.streaming and not host_side:
         train, test = _cache_in_memory(train, threads), _cache_in_memory(test, threads)
+    classes = num_classes or source.num_classes
+    _check_source_labels(source.name, source.num_classes, classes, {"train": train, "test": test})
 
     pipeline = InputPipeline(
-        name=source.name, train=train, test=test, num_classes=source.num_classes,
+        name=source.name, train=train, test=test, num_classes=classes,
         image_shape=(*size, native[2]), mean=source.mean, std=source.std,
         device_augment="cifar" if augment == "cifar" else "none",
         global_batch_size=global_batch_size, eval_batch_size=eval_batch_size, seed=seed,
         process_index=process_index, process_count=process_count,
         train_transform=train_transform, eval_transform=eval_transform,
         streaming=source.streaming and host_side, host_threads=threads,
+        host_workers=host_workers if host_side else 0,
     )
     if pipeline.steps_per_epoch == 0:
         raise DataError(
@@ -182,7 +204,17 @@ def build_input(
     return pipeline
 
 
-def _host_transforms(host_side, augment, size, color_jitter, mean, std):
+def _check_source_labels(name: str, source_classes: int, classes: int, splits: dict) -> None:
+    """Arrays: every label now. Streamed splits: the dataset's class count now, labels as read."""
+    for split_name, split in splits.items():
+        if isinstance(split, ArraySplit):
+            check_labels(split.labels, classes, f"{name} ({split_name} split)")
+        elif source_classes > classes:
+            raise DataError(label_range_message(
+                f"{name} (dataset metadata)", 0, source_classes - 1, classes))
+
+
+def _host_transforms(host_side, augment, size, strengths, mean, std):
     """(train, eval) per-example host transforms; (None, None) when batches are sliced as stored.
 
     Imported lazily so the device-augmented paths do not need PIL.
@@ -193,7 +225,7 @@ def _host_transforms(host_side, augment, size, color_jitter, mean, std):
 
     eval_transform = make_eval_transform(size)
     if augment in HOST_AUGMENTS:
-        return make_train_transform(augment, size, color_jitter, mean, std), eval_transform
+        return make_train_transform(augment, size, *strengths, mean, std), eval_transform
     return eval_transform, eval_transform  # only resizing to `size`
 
 
@@ -207,6 +239,13 @@ def _check_args(global_batch_size, eval_batch_size, process_index, process_count
             raise DataError(
                 f"{label}={size} must be positive and divisible by process_count={process_count}"
             )
+
+
+def _check_strengths(color_jitter: float, random_erasing: float) -> None:
+    if not color_jitter >= 0:
+        raise DataError(f"color_jitter={color_jitter} must be >= 0 (0 turns it off)")
+    if not 0 <= random_erasing <= 1:
+        raise DataError(f"random_erasing={random_erasing} is a probability; use 0..1 (0: off)")
 
 
 def _check_limit(label: str, value: int | None) -> int | None:

@@ -1,9 +1,10 @@
 """RandAugment and random erasing for the strong ImageNet recipe ('rand-m9-mstd0.5', reprob 0.2).
 
 Written against PIL/numpy with an explicit numpy Generator so results are reproducible per
-example. The op set and magnitude mappings follow the RandAugment paper's standard list
-(as used by the DyRep reference's timm-derived code): each of `num_ops` ops is drawn with
-replacement and applied with probability 0.5 at a magnitude ~ N(9, 0.5) clipped to [0, 10].
+example. The op set is the DyRep reference's own 19 ops: timm's 15 (with the TPU posterize)
+plus Distort, Zoom, Blur and Skew (warp_ops.py). Each of `num_ops` ops is drawn uniformly with
+replacement and applied with probability 0.5 at a magnitude ~ N(9, 0.5), *not* clipped (so
+levels above 10 occur, as in the reference).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from . import warp_ops
 from .stats import IMAGENET_MEAN
 
 MAX_LEVEL = 10.0
@@ -23,8 +25,7 @@ def _fill(image: Image.Image):
     return _FILL_RGB if image.mode == "RGB" else _FILL_RGB[0]
 
 
-def _signed(value: float, rng: np.random.Generator) -> float:
-    return -value if rng.random() < 0.5 else value
+_signed = warp_ops.signed
 
 
 def _affine(image: Image.Image, matrix) -> Image.Image:
@@ -60,7 +61,11 @@ def _translate_y(image, level, rng):
 
 def _posterize(image, level, rng):
     bits = int(level / MAX_LEVEL * 4)  # bits kept; 3-4 at magnitude 9
-    return image if bits >= 8 else ImageOps.posterize(image, max(bits, 1))
+    if bits >= 8:
+        return image
+    if bits <= 0:  # keeping no bit leaves black (PIL refuses bits=0 itself)
+        return Image.new(image.mode, image.size)
+    return ImageOps.posterize(image, bits)
 
 
 def _solarize(image, level, rng):
@@ -73,12 +78,16 @@ def _solarize_add(image, level, rng):
     return image.point(table * len(image.getbands()))
 
 
-RAND_OPS = {
+RAND_OPS = {  # the reference's order
+    "Distort": warp_ops.distort,
+    "Zoom": warp_ops.zoom,
+    "Blur": warp_ops.blur,
+    "Skew": warp_ops.skew,
     "AutoContrast": lambda image, level, rng: ImageOps.autocontrast(image),
     "Equalize": lambda image, level, rng: ImageOps.equalize(image),
     "Invert": lambda image, level, rng: ImageOps.invert(image),
     "Rotate": _rotate,
-    "Posterize": _posterize,
+    "PosterizeTpu": _posterize,
     "Solarize": _solarize,
     "SolarizeAdd": _solarize_add,
     "Color": _enhance(ImageEnhance.Color),
@@ -101,11 +110,12 @@ def rand_augment(
     magnitude_std: float = 0.5,
     prob: float = 0.5,
 ) -> Image.Image:
-    """Apply `num_ops` randomly chosen ops (with replacement), each with probability `prob`."""
+    """Apply `num_ops` randomly chosen ops (with replacement), each with probability `prob`,
+    at a magnitude drawn from N(magnitude, magnitude_std) and left unclipped."""
     for choice in rng.integers(0, len(_OP_NAMES), size=num_ops):
         if rng.random() >= prob:
             continue
-        level = float(np.clip(rng.normal(magnitude, magnitude_std), 0.0, MAX_LEVEL))
+        level = float(rng.normal(magnitude, magnitude_std)) if magnitude_std > 0 else magnitude
         image = RAND_OPS[_OP_NAMES[choice]](image, level, rng)
     return image
 
@@ -121,8 +131,9 @@ def random_erasing(
 ) -> np.ndarray:
     """With probability `prob`, fill one random rectangle with per-pixel random values.
 
-    The reference erases after normalization with N(0, 1) noise; on uint8 pixels the
-    equivalent is (mean + std * N(0, 1)) * 255, clipped to 0..255.
+    The reference erases after normalization with N(0, 1) noise ('pixel' mode); on uint8 pixels
+    the equivalent is (mean + std * N(0, 1)) * 255, except that values beyond 0..255 are
+    clipped (images stay uint8 until the device).
     """
     if rng.random() >= prob:
         return image

@@ -7,6 +7,8 @@ from typing import Protocol
 
 import numpy as np
 
+from .errors import DataError
+
 
 class Split(Protocol):
     """A random-access split: `len()` examples, each an (HWC uint8 image, int label) pair."""
@@ -81,3 +83,26 @@ class _HeadSplit:
         if not 0 <= index < self.count:
             raise IndexError(index)
         return self.base.example(index)
+
+    def decoded_example(self, index: int):
+        """The base's decoded (PIL) example where it has one (streamed TFDS), else example()."""
+        if not 0 <= index < self.count:
+            raise IndexError(index)
+        return getattr(self.base, "decoded_example", self.base.example)(index)
+
+
+def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+    """Refuse labels outside [0, num_classes): they would train silently as an all-zero one-hot."""
+    if labels.size == 0:
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        raise DataError(label_range_message(where, low, high, num_classes))
+
+
+def label_range_message(where: str, low: int, high: int, num_classes: int) -> str:
+    return (
+        f"{where}: labels span {low}..{high} but must lie in [0, {num_classes}); fix the labels "
+        f"(0-based class ids), or set model.num_classes to at least {high + 1} "
+        "(0 takes it from the data)"
+    )

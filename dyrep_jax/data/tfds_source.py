@@ -6,6 +6,7 @@ here, so the rest of the package works on machines without them.
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -22,20 +23,43 @@ TFDS_DATASETS = {
     "cifar100": ("train", "test", CIFAR_MEAN, CIFAR_STD),
     "imagenet2012": ("train", "validation", IMAGENET_MEAN, IMAGENET_STD),
 }
+# Variable-size images always go through host transforms: we read their encoded bytes
+ENCODED_READ = frozenset({"imagenet2012"})
 
 
 @dataclass(frozen=True)
 class TfdsSplit:
-    """One TFDS split; each `example()` reads and decodes one record."""
+    """One TFDS split; each `example()` reads one record and decodes its image with PIL.
 
-    records: Any  # the tfds data source (a random-access Sequence of feature dicts)
+    For ENCODED_READ datasets we decode rather than tfds, so that pixels do not depend on
+    whether OpenCV is installed (tfds prefers it) and host transforms start from the decoded
+    PIL image; other datasets arrive decoded by tfds.
+    """
+
+    records: Any  # the tfds data source, opened with the image left as encoded bytes
+    channels: int
 
     def __len__(self) -> int:
         return len(self.records)
 
     def example(self, index: int) -> tuple[np.ndarray, int]:
+        image, label = self.decoded_example(index)
+        array = np.asarray(image, np.uint8)
+        return (array[..., None] if array.ndim == 2 else array), label
+
+    def decoded_example(self, index: int) -> tuple[Any, int]:
+        """(PIL image, label): what host transforms take without a round trip through numpy."""
+        from PIL import Image
+
         record = self.records[int(index)]
-        return np.asarray(record["image"], np.uint8), int(record["label"])
+        if isinstance(record["image"], np.ndarray):  # a source tfds decodes (fixed-size data)
+            pixels = record["image"]
+            return Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels), \
+                int(record["label"])
+        image = Image.open(io.BytesIO(record["image"]))
+        if self.channels == 3 and image.mode != "RGB":
+            image = image.convert("RGB")
+        return image, int(record["label"])
 
 
 def resolve_data_dir(data_dir: str | None) -> str | None:
@@ -47,18 +71,18 @@ def load_tfds_source(name: str, data_dir: str | None) -> Source:
     """Open both splits of a prepared TFDS dataset; never downloads."""
     train_split, test_split, mean, std = TFDS_DATASETS[name]
     data_dir = resolve_data_dir(data_dir)
-    train = _open(name, train_split, data_dir)
-    test = _open(name, test_split, data_dir)
+    train = _open(name, train_split, data_dir, name in ENCODED_READ)
+    test = _open(name, test_split, data_dir, name in ENCODED_READ)
     features = train.dataset_info.features
     num_classes = int(features["label"].num_classes)
     height, width, channels = features["image"].shape
     return Source(
-        name, TfdsSplit(train), TfdsSplit(test), num_classes,
+        name, TfdsSplit(train, int(channels)), TfdsSplit(test, int(channels)), num_classes,
         (height, width, int(channels)), mean, std, streaming=True,
     )
 
 
-def _open(name: str, split: str, data_dir: str | None) -> Any:
+def _open(name: str, split: str, data_dir: str | None, encoded: bool) -> Any:
     try:
         import grain  # noqa: F401  (needed later to read; fail early with a clear message)
         import tensorflow_datasets as tfds
@@ -66,10 +90,12 @@ def _open(name: str, split: str, data_dir: str | None) -> Any:
         raise DataError(
             f"dataset {name!r} needs the packages tensorflow-datasets and grain "
             f"(pip install tensorflow-datasets grain), which are missing ({err}). "
-            "Without them, use local arrays: --data npz:PATH"
+            "Without them, use local arrays: --config.data.dataset=npz:PATH"
         ) from err
     try:
-        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        decoders = {"image": tfds.decode.SkipDecoding()} if encoded else None
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                                decoders=decoders)
     except Exception as err:  # tfds raises several unrelated types for "not there"
         raise not_prepared_error(name, data_dir, err, _is_prepared(tfds, name, data_dir)) from err
 
@@ -106,7 +132,7 @@ def not_prepared_error(
         f"`tfds.builder({name!r}, data_dir=DIR, file_format='array_record').download_and_prepare()`"
         f"{manual}; (2) set TFDS_DATA_DIR (or the config's data_dir) to a directory that "
         "already holds the prepared dataset; (3) use local arrays instead: "
-        "npz:PATH with uint8 x_train, y_train, x_test, y_test."
+        "--config.data.dataset=npz:PATH with uint8 x_train, y_train, x_test, y_test."
     )
 
 
