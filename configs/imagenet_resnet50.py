@@ -5,4 +5,4 @@ from dyrep_jax.recipes import imagenet_recipe
 
 
 def get_config():
-    return imagenet_recipe("imagenet_resnet50", "resnet50", min_lr=1e-7)
+    return imagenet_recipe("imagenet_resnet50", "resnet50")

@@ -19,6 +19,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.width = 1.0  # multiplier on every conv width (small models for tests/quickstart)
     c.model.num_classes = 0  # 0 = take it from the dataset
     c.model.dtype = "float32"  # compute dtype: float32 or bfloat16 (params/BN stats stay f32)
+    c.model.bn_group_size = 0  # network BNs: batch statistics over groups of N images; 0 = global batch
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "digits"  # digits | npz:PATH | cifar10 | cifar100 | imagenet2012 | synthetic:H,W,C,K,NTR,NTE
@@ -43,6 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.weight_decay = 1e-4
     c.optim.decay_bn_and_bias = True  # False: decay only conv/dense kernels
     c.optim.warmup_epochs = 0.0
+    c.optim.warmup_lr = 0.0  # learning rate at the start of the linear warmup
+    c.optim.warmup_by_epoch = False  # True: the warmup lr changes once per epoch, not per step
     c.optim.min_lr = 0.0  # cosine floor
     c.optim.label_smoothing = 0.0
     c.optim.grad_clip_norm = 0.0  # 0 = off

@@ -6,6 +6,10 @@ fill it with random numpy values (random BN statistics, gammas and betas:
 fusion bugs hide behind mean 0 / var 1), then run eagerly so that ops of
 equal shape compile once for all architectures.
 
+The training network's reference output is computed branch by branch
+(`apply_slot_branchwise` for every slot, nested blocks included), never via
+the fused inference path, so fusion is checked independently.
+
 Tolerance: the training network and the fused one compute the same affine
 maps with different summation orders in float32 (branches summed after
 separate convs vs one conv). Rounding is ~1e-7 relative per op and stays
@@ -17,25 +21,26 @@ missed BN, a misplaced group) changes the logits by O(1) of their scale.
 import itertools
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dyrep_jax.dyrep import eligible_slots
 from dyrep_jax.models import (
     MODEL_NAMES,
     count_macs,
     count_params,
     create_model,
     dbb_initial_branches,
-    default_initial_branches,
     default_input_shape,
     fuse_network,
     init_variables,
-    repvgg_training_branches,
 )
-from dyrep_jax.rep import RepError, allowed_branches, get_at, grow_slot, set_at
-from dyrep_jax.rep.tree import structure_of, top_level_slots
+from dyrep_jax.rep import RepConv, RepError, allowed_branches, get_at, grow_slot, set_at
+from dyrep_jax.rep.apply import apply_slot_branchwise
+from dyrep_jax.rep.tree import structure_of, to_plain_dict, top_level_slots
 
 KEY = jax.random.PRNGKey(0)
 REPVGG_NAMES = tuple(n for n in MODEL_NAMES if n.startswith("repvgg"))
@@ -149,21 +154,47 @@ def recording(rule):
     return wrapped
 
 
-def nest_first_3x3_block(variables, geometries):
-    """Grow the kxk conv inside the first grown 3x3 block with every allowed branch."""
-    params = variables["params"]
-    path = next(p for p in top_level_slots(params)
+def first_3x3_block(params, geometries):
+    """Path of the first top-level 3x3 slot that is a block."""
+    return next(p for p in top_level_slots(params)
                 if "kxk" in get_at(params, p) and geometries[p].kernel_size == 3)
-    inner = (*path, "kxk", "conv")
-    geometry = geometries[path]
+
+
+def nest_at(variables, path, geometry):
+    """Grow the plain slot at `path` (abstract variables) with every allowed branch."""
 
     def grow(v):
-        block, stats = grow_slot(KEY, get_at(v["params"], inner), geometry,
-                                 allowed_branches(geometry), path=inner)
-        return {"params": set_at(v["params"], inner, block),
-                "batch_stats": set_at(v["batch_stats"], inner, stats)}
+        block, stats = grow_slot(KEY, get_at(v["params"], path), geometry,
+                                 allowed_branches(geometry), path=path)
+        return {"params": set_at(v["params"], path, block),
+                "batch_stats": set_at(v["batch_stats"], path, stats)}
 
-    return jax.eval_shape(grow, variables), inner
+    return jax.eval_shape(grow, variables)
+
+
+def nest_first_3x3_block(variables, geometries):
+    """Grow the kxk conv inside the first grown 3x3 block with every allowed branch."""
+    path = first_3x3_block(variables["params"], geometries)
+    inner = (*path, "kxk", "conv")
+    return nest_at(variables, inner, geometries[path]), inner
+
+
+def branchwise_logits(model, variables, images):
+    """Inference logits with every slot computed branch by branch (the reference semantics)."""
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if not (isinstance(module, RepConv) and context.method_name == "__call__"):
+            return next_fun(*args, **kwargs)
+        x = args[0]
+        params = to_plain_dict(module.variables["params"])
+        stats = to_plain_dict(module.variables.get("batch_stats", {}))
+        y, _ = apply_slot_branchwise(params, stats, x.astype(module.dtype),
+                                     module.geometry(x.shape[-1]), train=False)
+        return y
+
+    with nn.intercept_methods(interceptor):
+        return model.apply(variables, images, train=False)
 
 
 def random_fill(tree, seed=0):
@@ -184,9 +215,10 @@ def random_fill(tree, seed=0):
     return jax.tree_util.tree_map_with_path(make, tree)
 
 
-def assert_fused_equals_training(name, model_kwargs, rule, input_shape, nest=True):
+def assert_fused_equals_training(name, model_kwargs, rule, input_shape, nest=True, abstract=None):
     model = create_model(name, **model_kwargs)
-    abstract = abstract_variables(model, input_shape, rule)
+    if abstract is None:
+        abstract = abstract_variables(model, input_shape, rule)
     if nest:
         abstract, inner = nest_first_3x3_block(abstract, rule.seen)
         assert "kxk" in get_at(abstract["params"], inner)
@@ -199,7 +231,7 @@ def assert_fused_equals_training(name, model_kwargs, rule, input_shape, nest=Tru
     deploy = create_model(name, **model_kwargs, deploy=True)
     assert shapes_of(fused["params"]) == shapes_of(abstract_variables(deploy, input_shape)["params"])
 
-    expected = model.apply(variables, images, train=False)
+    expected = branchwise_logits(model, variables, images)
     got = deploy.apply(fused, images)
     assert got.dtype == expected.dtype == jnp.float32
     scale = float(jnp.max(jnp.abs(expected)))
@@ -223,11 +255,25 @@ REPVGG_NUMERIC = (REPVGG_NAMES if os.environ.get("DYREP_TEST_ALL_MODELS") == "1"
                   else ("repvgg_a0", "repvgg_b1g4"))
 
 
+def repvgg_nested_twice(name, input_shape):
+    """RepVGG's training form with one block's kxk slot grown, and its kxk grown again."""
+    model = create_model(name, **TINY)
+    rule = recording(lambda path, geometry: None)
+    abstract = abstract_variables(model, input_shape, rule)
+    outer = ("stage1_1", "conv_kxk", "conv")
+    geometry = rule.seen[outer]
+    abstract = nest_at(abstract, outer, geometry)
+    abstract = nest_at(abstract, (*outer, "kxk", "conv"), geometry)
+    return abstract, outer
+
+
 @pytest.mark.parametrize("name", REPVGG_NUMERIC)
 def test_fused_repvgg_equals_training_form(name):
-    # RepVGG's own training form (kxk + 1x1 + id everywhere) plus one nested block
-    assert_fused_equals_training(name, TINY, recording(default_initial_branches(name)),
-                                 (32, 32, 3))
+    # timm's block (kxk conv-BN + 1x1 conv-BN + identity BN) everywhere, one kxk slot
+    # grown into a DyRep block whose kxk is grown again (nesting depth 2)
+    abstract, outer = repvgg_nested_twice(name, (32, 32, 3))
+    assert "kxk" in get_at(abstract["params"], (*outer, "kxk", "conv"))
+    assert_fused_equals_training(name, TINY, None, (32, 32, 3), nest=False, abstract=abstract)
 
 
 @pytest.mark.parametrize("name", ["resnet18_cifar", "mobilenet_v1"])
@@ -246,35 +292,36 @@ def test_static_dbb_baseline_fuses_exactly(name):
 # ---------------------------------------------------------------- API behaviour
 
 
-def test_repvgg_default_rule_is_training_form_and_deploy_is_plain():
-    assert default_initial_branches("repvgg_a0") is repvgg_training_branches
-    assert default_initial_branches("resnet18") is None
+def test_repvgg_is_timm_block_and_only_kxk_convs_are_dyrep_targets():
     params = abstract_variables(create_model("repvgg_a0", **TINY), (32, 32, 3))["params"]
-    structure = structure_of(params)
-    # (eval_shape returns dict keys sorted: compare branch sets)
-    assert set(structure["stage0.conv"]) == {"1x1", "kxk"}  # stride 2: no identity
-    assert set(structure["stage1_1.conv"]) == {"1x1", "kxk", "id"}
-    assert len(structure) == len(top_level_slots(params)) == 22
+    assert structure_of(params) == {}  # no DyRep block at init: the branches are fixed parts
+    assert set(params["stage0"]) == {"conv_kxk", "conv_1x1"}  # stride 2: no identity
+    assert set(params["stage1_1"]) == {"conv_kxk", "conv_1x1", "identity"}
+    assert set(params["stage1_1"]["identity"]) == {"scale", "bias"}  # a BN, not a slot
+    blocks = [k for k in params if k.startswith("stage")]
+    assert len(blocks) == 22
+    assert eligible_slots(params) == [(b, "conv_kxk", "conv") for b in blocks]
+    # the kxk slot nests twice: a slot inside one block is eligible, inside two it is not
+    abstract, outer = repvgg_nested_twice("repvgg_a0", (32, 32, 3))
+    eligible = eligible_slots(abstract["params"])
+    inner = (*outer, "kxk", "conv")
+    assert (*outer, "1x1_kxk", "conv2") in eligible and (*inner, "1x1_kxk", "conv2") not in eligible
+    assert (*inner, "kxk", "conv") not in eligible
+    assert not {outer, inner} & set(eligible)  # blocks now
     deploy = abstract_variables(create_model("repvgg_a0", **TINY, deploy=True), (32, 32, 3))
     assert structure_of(deploy["params"]) == {}
     assert deploy["batch_stats"] == {}
 
 
-def test_init_variables_is_plain_dicts_and_growth_preserves_the_function():
-    # same sizes as the equivalence tests above, so most eager ops are compiled already
+def test_init_variables_is_plain_dicts_in_branch_order():
     model = create_model("resnet18_cifar", **TINY)
     shape = (16, 16, 3)
     grown_paths = {("conv1", "conv"): ("1x1", "1x1_avg"), ("layer1_0", "conv2", "conv"): ("id",)}
-    plain = init_variables(model, KEY, shape, lambda p, g: None)
     grown = init_variables(model, KEY, shape, lambda p, g: grown_paths.get(p))
     assert type(grown) is dict and set(grown) == {"params", "batch_stats"}
     assert all(type(node) is dict for node in (grown["params"], grown["params"]["layer1_0"]))
     assert structure_of(grown["params"]) == {"conv1.conv": ["1x1", "1x1_avg", "kxk"],
                                              "layer1_0.conv2.conv": ["kxk", "id"]}  # reference order
-    images = jnp.asarray(np.random.default_rng(2).normal(size=(2, *shape)), jnp.float32)
-    expected = model.apply(plain, images, train=False)
-    got = model.apply(grown, images, train=False)
-    assert float(jnp.max(jnp.abs(got - expected))) <= 1e-4 * (1 + float(jnp.max(jnp.abs(expected))))
 
 
 def test_train_mode_updates_batch_stats_and_bf16_returns_float32_logits():
@@ -340,3 +387,160 @@ def test_fuse_network_refuses_a_batchnorm_without_a_conv():
     }
     with pytest.raises(RepError, match="norm: BatchNorm not after a 'conv' slot"):
         fuse_network(variables)
+
+
+# ---------------------------------------------------------------- initialization
+
+
+def assert_std(values, expected, what):
+    """Sample std within 6 standard errors (uniform/normal samples) plus 1%."""
+    values = np.asarray(values, np.float64).ravel()
+    tolerance = 6 * 0.71 / np.sqrt(values.size) + 0.01  # std error of a normal's sample std
+    assert abs(values.std() / expected - 1) <= tolerance, (what, values.std(), expected)
+
+
+def block_convs_and_bns(tree, path=()):
+    """(path, node) of every conv (4-d kernel) and every BN (scale) inside a block tree."""
+    for key, node in tree.items():
+        here = (*path, key)
+        if "kernel" in node:
+            yield "conv", here, node
+        elif "scale" in node:
+            yield "bn", here, node
+        else:
+            yield from block_convs_and_bns(node, here)
+
+
+def test_static_dbb_blocks_start_at_pytorch_defaults():
+    # as the reference's convert_to_dbb: new modules, so every conv is U(+-1/sqrt(fan_in))
+    # (kaiming_uniform a=sqrt(5)), the kxk conv's bias too, every BN gamma 1 / beta 0
+    model = create_model("resnet18_cifar", num_classes=4, width=0.5, with_bn_after_3x3=False)
+    variables = init_variables(model, KEY, (8, 8, 3), dbb_initial_branches)
+    params, stats = variables["params"], variables["batch_stats"]
+    blocks = [p for p in top_level_slots(params) if "kxk" in get_at(params, p)]
+    assert len(blocks) == 17  # the 3x3 stem and the 16 3x3 convs of the residual blocks
+    pooled = {}
+    for path in blocks:
+        for kind, where, node in block_convs_and_bns(get_at(params, path)):
+            if kind == "bn":
+                assert np.all(node["scale"] == 1) and np.all(node["bias"] == 0), where
+                bn_stats = get_at(stats, (*path, *where))
+                assert np.all(bn_stats["mean"] == 0) and np.all(bn_stats["var"] == 1), where
+                continue
+            kernel = np.asarray(node["kernel"])
+            fan_in = int(np.prod(kernel.shape[:-1]))
+            bound = 1 / np.sqrt(fan_in)
+            assert np.abs(kernel).max() <= bound, where
+            pooled.setdefault((where[-2] if len(where) > 1 else where[-1], fan_in), []).append(
+                kernel.ravel() * np.sqrt(3 * fan_in))  # unit std if U(-bound, bound)
+            if "bias" in node:
+                assert where == ("kxk", "conv")
+                assert 0 < np.abs(node["bias"]).max() <= bound
+    assert ("kxk", 9 * 256) in pooled and ("1x1", 256) in pooled  # every branch kind seen
+    for key, values in pooled.items():
+        assert_std(np.concatenate(values), 1.0, key)
+
+
+def dense_kernel(params, name):
+    return np.asarray(params[name]["kernel"]), np.asarray(params[name]["bias"])
+
+
+def test_classifier_and_conv_init_follow_the_reference_models():
+    # VGG-16 (NAS-style 'goog'): Linear U(+-1/sqrt(out)), bias 0, conv N(0, sqrt(2/(k*k*out)))
+    params = init_variables(create_model("vgg16_cifar", num_classes=10, width=0.5), KEY,
+                            (32, 32, 3))["params"]
+    for name, out in (("fc1", 256), ("fc2", 10)):
+        kernel, bias = dense_kernel(params, name)
+        assert np.abs(kernel).max() <= 1 / np.sqrt(out) and np.all(bias == 0)
+        assert_std(kernel, 1 / np.sqrt(3 * out), name)
+    assert_std(params["conv12"]["conv"]["kernel"], np.sqrt(2 / (9 * 256)), "conv12")
+    assert np.all(params["conv12"]["bn"]["scale"] == 1)
+    # MobileNetV1 ('goog' too): the classifier bound is 1/sqrt(classes)
+    params = init_variables(create_model("mobilenet_v1", num_classes=100, width=0.25), KEY,
+                            (32, 32, 3))["params"]
+    kernel, bias = dense_kernel(params, "fc")
+    assert np.abs(kernel).max() <= 0.1 and np.all(bias == 0)
+    assert_std(kernel, 1 / np.sqrt(300), "mobilenet fc")
+    dw = params["block12"]["dw"]["conv"]["kernel"]  # depthwise: fan_out = 9 * channels
+    assert_std(dw, np.sqrt(2 / (9 * dw.shape[-1])), "depthwise")
+    # ResNet (torchvision): fc left at PyTorch's default, U(+-1/sqrt(in)) for weight and bias
+    params = init_variables(create_model("resnet18", num_classes=100, width=0.5), KEY,
+                            (32, 32, 3))["params"]
+    kernel, bias = dense_kernel(params, "fc")
+    bound = 1 / np.sqrt(kernel.shape[0])
+    assert np.abs(kernel).max() <= bound and 0 < np.abs(bias).max() <= bound
+    assert_std(kernel, bound / np.sqrt(3), "resnet fc")
+    assert_std(params["layer4_1"]["conv2"]["conv"]["kernel"], np.sqrt(2 / (9 * 256)), "resnet")
+
+
+def test_repvgg_init_is_timms():
+    # timm: convs N(0, sqrt(2 / (k*k*out/groups))), every BN of a RepVggBlock gamma
+    # N(0.1, 0.1) and beta N(0, 0.1), head N(0, 0.01) with bias 0
+    params = init_variables(create_model("repvgg_b1g4", num_classes=50, width=0.25), KEY,
+                            (32, 32, 3))["params"]
+    grouped = params["stage3_1"]["conv_kxk"]["conv"]["kernel"]  # layer 12: groupwise
+    assert grouped.shape[2] * 4 == grouped.shape[3] == 128
+    assert_std(grouped, np.sqrt(2 / (9 * 128 / 4)), "grouped kxk")
+    assert_std(params["stage3_0"]["conv_1x1"]["conv"]["kernel"], np.sqrt(2 / 128), "1x1")
+    bns = [node for key, block in params.items() if key.startswith("stage")
+           for node in (block["conv_kxk"]["bn"], block["conv_1x1"]["bn"], block.get("identity"))
+           if node is not None]
+    scales = np.concatenate([np.asarray(n["scale"]) for n in bns])
+    biases = np.concatenate([np.asarray(n["bias"]) for n in bns])
+    assert abs(scales.mean() - 0.1) < 6 * 0.1 / np.sqrt(scales.size)
+    assert abs(biases.mean()) < 6 * 0.1 / np.sqrt(biases.size)
+    assert_std(scales, 0.1, "bn scale")
+    assert_std(biases, 0.1, "bn bias")
+    kernel, bias = dense_kernel(params, "fc")
+    assert_std(kernel, 0.01, "head")
+    assert np.all(bias == 0)
+
+
+# ---------------------------------------------------------------- ghost BN
+
+
+def test_bn_group_size_normalizes_each_group_on_its_own():
+    # A RepVGG block holds both kinds of the network's own BN (a ConvBN's `bn` and the
+    # identity BN). With only those mixing images, a batch of 4 in groups of 2 must give
+    # exactly what two separate batches of 2 give; running statistics move by the
+    # average of the two groups' updates.
+    from dyrep_jax.models.repvgg import RepVGGBlock
+
+    ghost, whole = RepVGGBlock(8, bn_group_size=2), RepVGGBlock(8)
+    images = np.random.default_rng(4).normal(size=(4, 6, 6, 8)).astype(np.float32)
+    variables = whole.init(KEY, images)
+    assert set(variables["batch_stats"]) == {"conv_kxk", "conv_1x1", "identity"}
+
+    def train_apply(block, x):
+        return block.apply(variables, x, train=True, mutable=["batch_stats"])
+
+    out, updates = train_apply(ghost, images)
+    halves = [train_apply(whole, images[i:i + 2]) for i in (0, 2)]
+    np.testing.assert_allclose(out, np.concatenate([h[0] for h in halves]), rtol=1e-5,
+                               atol=1e-5)
+    expected_stats = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, halves[0][1], halves[1][1])
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                           updates, expected_stats)
+    whole_out, _ = train_apply(whole, images)
+    assert np.abs(np.asarray(whole_out) - np.asarray(out)).max() > 1e-2
+    # inference ignores the group size
+    np.testing.assert_array_equal(ghost.apply(variables, images), whole.apply(variables, images))
+
+
+@pytest.mark.parametrize("name", ["resnet18_cifar", "vgg16_cifar", "mobilenet_v1", "repvgg_a0"])
+def test_bn_group_size_reaches_the_networks_bns(name):
+    # a training batch of 6 cannot be split into groups of 4: the network's BNs refuse it
+    model = create_model(name, **TINY, bn_group_size=4)
+    variables = abstract_variables(model, (16, 16, 3))
+    images = jax.ShapeDtypeStruct((6, 16, 16, 3), jnp.float32)
+    with pytest.raises(RepError, match="batch of 6 images is not a multiple of "
+                                       "model.bn_group_size=4"):
+        jax.eval_shape(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]),
+                       variables, images)
+    jax.eval_shape(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]),
+                   variables, jax.ShapeDtypeStruct((8, 16, 16, 3), jnp.float32))
+
+
+def test_bn_group_size_must_be_a_count():
+    with pytest.raises(ValueError, match="bn_group_size must be an integer >= 0"):
+        create_model("resnet18", bn_group_size=-1)

@@ -16,33 +16,23 @@ Usage::
     fused = fuse_network(variables)                          # BN folded, blocks fused
     same_logits = deployed.apply(fused, images)
 
-`init_variables(..., initial_branches=rule)` grows slots at init (static DBB
-baseline, RepVGG's training form, which RepVGG models use by default).
+`init_variables(..., initial_branches=dbb_initial_branches)` builds the static
+DBB baseline (with `create_model(..., with_bn_after_3x3=False)`).
 """
 
+from dyrep_jax.models.dbb import DBB_BRANCHES, dbb_initial_branches
 from dyrep_jax.models.deploy import fuse_network
 from dyrep_jax.models.layers import ConvBN, round_channels
 from dyrep_jax.models.macs import count_macs
 from dyrep_jax.models.registry import (
     MODEL_NAMES,
     create_model,
-    default_initial_branches,
     default_input_shape,
 )
-from dyrep_jax.models.repvgg import training_branches as repvgg_training_branches
 from dyrep_jax.models.variables import count_params, init_variables
-
-DBB_BRANCHES = ("1x1", "1x1_kxk", "1x1_avg", "kxk")
-
-
-def dbb_initial_branches(path, geometry):
-    """Static DBB baseline rule: 1x1 + 1x1_kxk + 1x1_avg + kxk on every 3x3 slot."""
-    del path
-    return DBB_BRANCHES if geometry.kernel_size == 3 else None
-
 
 __all__ = [
     "DBB_BRANCHES", "MODEL_NAMES", "ConvBN", "count_macs", "count_params", "create_model",
-    "dbb_initial_branches", "default_initial_branches", "default_input_shape", "fuse_network",
-    "init_variables", "repvgg_training_branches", "round_channels",
+    "dbb_initial_branches", "default_input_shape", "fuse_network", "init_variables",
+    "round_channels",
 ]

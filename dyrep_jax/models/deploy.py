@@ -2,14 +2,19 @@
 
 Generic by naming convention (see `ConvBN`): every slot found under the key
 `conv` is fused into one conv, and a sibling `bn` is folded in and dropped.
-The result runs on `create_model(name, ..., deploy=True)`.
+A node holding `conv_kxk` is a block with fixed branches (RepVGG, timm's
+names): its units `conv_kxk` and `conv_1x1` and its `identity` BN are summed
+into one unit `conv`. The result runs on `create_model(name, ..., deploy=True)`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+import jax.numpy as jnp
+
 from dyrep_jax.rep import RepError, fold_bn, fuse_slot
+from dyrep_jax.rep.fuse import identity_kernel, pad_to_kxk
 from dyrep_jax.rep.tree import is_slot
 
 
@@ -24,6 +29,8 @@ def fuse_network(variables) -> dict:
 
 def fuse_tree(params, stats, path) -> dict:
     """Fuse every slot below `params` (stats: the matching batch_stats sub-tree)."""
+    if "conv_kxk" in params:
+        return fuse_fixed_block(params, stats, path)
     folds_bn = "bn" in params and is_slot(params.get("conv"))
     out = {}
     for key, node in params.items():
@@ -50,3 +57,25 @@ def fuse_tree(params, stats, path) -> dict:
 
 def _is_bn_stats(node) -> bool:
     return isinstance(node, Mapping) and "mean" in node and "var" in node
+
+
+def fuse_fixed_block(params, stats, path) -> dict:
+    """RepVGG's block -> {'conv': {'kernel', 'bias'}}: conv_kxk + conv_1x1 + identity BN."""
+    unknown = set(params) - {"conv_kxk", "conv_1x1", "identity"}
+    if unknown:
+        raise RepError(f"{'.'.join(path)}: unexpected {sorted(unknown)} next to 'conv_kxk'")
+    fused = fuse_tree(params["conv_kxk"], stats.get("conv_kxk", {}), (*path, "conv_kxk"))["conv"]
+    kernel, bias = fused["kernel"], fused["bias"]
+    k, in_per_group, channels = kernel.shape[0], kernel.shape[2], kernel.shape[3]
+    if "conv_1x1" in params:
+        one = fuse_tree(params["conv_1x1"], stats.get("conv_1x1", {}), (*path, "conv_1x1"))["conv"]
+        kernel, bias = kernel + pad_to_kxk(one["kernel"], k), bias + one["bias"]
+    if "identity" in params:
+        id_stats = stats.get("identity")
+        if not _is_bn_stats(id_stats):
+            raise RepError(f"{'.'.join((*path, 'identity'))}: missing running statistics")
+        id_kernel, id_bias = fold_bn(identity_kernel(k, in_per_group, channels),
+                                     jnp.zeros((channels,), jnp.float32), params["identity"],
+                                     id_stats)
+        kernel, bias = kernel + id_kernel, bias + id_bias
+    return {"conv": {"kernel": kernel, "bias": bias}}

@@ -3,23 +3,30 @@
 Every conv of every model is a `ConvBN`: a `RepConv` slot named `conv`
 followed (optionally) by a `BatchNorm` named `bn`. That single naming
 convention is what lets `fuse_network` fold a whole network generically.
+Initializers follow the reference's model files (see `inits.py`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dyrep_jax.rep import BatchNorm, RepConv, RepError
+from dyrep_jax.models.inits import dense_inits
+from dyrep_jax.models.norm import GroupBatchNorm
+from dyrep_jax.rep import RepConv, RepError
+from dyrep_jax.rep.module import conv_kernel_init
 
 
 class ConvBN(nn.Module):
     """conv slot -> BN; activation is left to the caller.
 
-    `with_bn=False` (RepVGG, static DBB) and `deploy=True` (BN already folded
-    in) both drop `bn` and give the conv a bias so it stays affine-complete.
+    `with_bn=False` (static DBB) and `deploy=True` (BN already folded in) both
+    drop `bn` and give the conv a bias so it stays affine-complete.
+    `bn_group_size` > 0: the BN takes batch statistics over groups of that
+    many images (ghost BN, as per-GPU BN in the reference).
     """
 
     features: int
@@ -30,14 +37,20 @@ class ConvBN(nn.Module):
     with_bn: bool = True
     deploy: bool = False
     dtype: Any = jnp.float32
+    bn_group_size: int = 0
+    kernel_init: Callable = conv_kernel_init
+    bn_scale_init: Callable = nn.initializers.ones
+    bn_bias_init: Callable = nn.initializers.zeros
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         has_bn = self.with_bn and not self.deploy
         y = RepConv(self.features, self.kernel_size, self.strides, self.padding, self.groups,
-                    use_bias=not has_bn, dtype=self.dtype, name="conv")(x, train)
+                    use_bias=not has_bn, dtype=self.dtype, kernel_init=self.kernel_init,
+                    name="conv")(x, train)
         if has_bn:
-            y = BatchNorm(name="bn")(y, train)
+            y = GroupBatchNorm(self.bn_group_size, self.bn_scale_init, self.bn_bias_init,
+                               name="bn")(y, train)
         return y
 
 
@@ -61,10 +74,16 @@ def check_images(x, model_name: str) -> None:
         )
 
 
-def classifier(features, num_classes: int, dtype, name: str = "fc"):
+def dense(x, features: int, dtype, name: str, init: str):
+    """A Dense layer in the compute dtype, initialized in the named style (`inits.py`)."""
+    kernel_init, bias_init = dense_inits(init, x.shape[-1], features)
+    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=kernel_init,
+                    bias_init=bias_init, name=name)(x)
+
+
+def classifier(features, num_classes: int, dtype, init: str, name: str = "fc"):
     """Dense head in the compute dtype, returning float32 logits."""
-    logits = nn.Dense(num_classes, dtype=dtype, param_dtype=jnp.float32, name=name)(features)
-    return logits.astype(jnp.float32)
+    return dense(features, num_classes, dtype, name, init).astype(jnp.float32)
 
 
 def global_avg_pool(x):

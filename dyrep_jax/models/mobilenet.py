@@ -25,7 +25,8 @@ class MobileNetV1(nn.Module):
     """MobileNet v1 (width 1.0: 4.23M params, 569M MACs at 224, 1000 classes).
 
     Modules: `stem`, `block{i}` each with ConvBN units `dw` (depthwise 3x3,
-    groups = channels) and `pw` (pointwise 1x1), `fc`.
+    groups = channels) and `pw` (pointwise 1x1), `fc`. Init as the
+    reference's model file ('goog', see `inits.py`).
     """
 
     num_classes: int = 1000
@@ -33,18 +34,19 @@ class MobileNetV1(nn.Module):
     dtype: Any = jnp.float32
     with_bn_after_3x3: bool = True
     deploy: bool = False
+    bn_group_size: int = 0
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         check_images(x, type(self).__name__)
         bn3 = bn_after(3, self.with_bn_after_3x3)
-        unit = dict(deploy=self.deploy, dtype=self.dtype)
+        unit = dict(deploy=self.deploy, dtype=self.dtype, bn_group_size=self.bn_group_size)
         x = ConvBN(round_channels(32, self.width), 3, 2, with_bn=bn3, name="stem", **unit)(x, train)
         x = nn.relu(x)
         for index, (channels, strides) in enumerate(MOBILENET_V1_BLOCKS):
             x = DepthwiseSeparable(round_channels(channels, self.width), strides, bn3,
                                    name=f"block{index}", **unit)(x, train)
-        return classifier(global_avg_pool(x), self.num_classes, self.dtype)
+        return classifier(global_avg_pool(x), self.num_classes, self.dtype, "goog")
 
 
 class DepthwiseSeparable(nn.Module):
@@ -55,10 +57,11 @@ class DepthwiseSeparable(nn.Module):
     bn_after_depthwise: bool = True
     deploy: bool = False
     dtype: Any = jnp.float32
+    bn_group_size: int = 0
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        unit = dict(deploy=self.deploy, dtype=self.dtype)
+        unit = dict(deploy=self.deploy, dtype=self.dtype, bn_group_size=self.bn_group_size)
         channels = x.shape[-1]
         x = ConvBN(channels, 3, self.strides, groups=channels, with_bn=self.bn_after_depthwise,
                    name="dw", **unit)(x, train)

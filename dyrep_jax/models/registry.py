@@ -9,7 +9,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 
 from dyrep_jax.models.mobilenet import MobileNetV1
-from dyrep_jax.models.repvgg import REPVGG_CONFIGS, RepVGG, training_branches
+from dyrep_jax.models.repvgg import REPVGG_CONFIGS, RepVGG
 from dyrep_jax.models.resnet import ResNet
 from dyrep_jax.models.vgg import VGGCifar
 
@@ -52,13 +52,16 @@ def spec_of(name: str) -> ModelSpec:
 
 
 def create_model(name: str, num_classes: int | None = None, width: float = 1.0,
-                 dtype=jnp.float32, with_bn_after_3x3: bool = True, deploy: bool = False):
+                 dtype=jnp.float32, with_bn_after_3x3: bool = True, deploy: bool = False,
+                 bn_group_size: int = 0):
     """A flax module for `name`; `num_classes=None` takes the dataset default (10 or 1000).
 
     `width` multiplies every conv width; `dtype` is the compute dtype (params
     stay float32, logits come back float32); `with_bn_after_3x3=False` drops
     the BN after 3x3 slots (static DBB baseline); `deploy=True` builds the
-    fused network that `fuse_network` variables run on.
+    fused network that `fuse_network` variables run on; `bn_group_size=N`
+    takes the network's BN batch statistics over groups of N images (0: the
+    whole batch).
     """
     spec = spec_of(name)
     if num_classes is None:
@@ -67,23 +70,14 @@ def create_model(name: str, num_classes: int | None = None, width: float = 1.0,
         raise ValueError(f"num_classes must be a positive integer, got {num_classes}")
     if not width > 0:
         raise ValueError(f"width must be positive, got {width}")
+    if int(bn_group_size) != bn_group_size or bn_group_size < 0:
+        raise ValueError(f"bn_group_size must be an integer >= 0 (0 = whole batch), "
+                         f"got {bn_group_size}")
     return spec.build(num_classes=int(num_classes), width=float(width), dtype=dtype,
-                      with_bn_after_3x3=with_bn_after_3x3, deploy=deploy)
+                      with_bn_after_3x3=with_bn_after_3x3, deploy=deploy,
+                      bn_group_size=int(bn_group_size))
 
 
 def default_input_shape(name: str) -> tuple:
     """(H, W, C) the model was published at: 32x32x3 for CIFAR models, else 224x224x3."""
     return spec_of(name).input_shape
-
-
-def default_initial_branches(model_or_name):
-    """The branch rule a model trains with by default (RepVGG's kxk+1x1+id), or None.
-
-    Accepts a model name or a module; a deploy-mode module has no rule.
-    """
-    if isinstance(model_or_name, str):
-        build = spec_of(model_or_name).build
-        return training_branches if getattr(build, "func", build) is RepVGG else None
-    if isinstance(model_or_name, RepVGG) and not model_or_name.deploy:
-        return training_branches
-    return None

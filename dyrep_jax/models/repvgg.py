@@ -1,8 +1,12 @@
-"""RepVGG: a plain stack of 3x3 slots, trained as kxk + 1x1 + identity blocks.
+"""RepVGG as timm's `RepVggBlock` builds it (the reference trains RepVGG with timm).
 
-The model code only builds plain `ConvBN(with_bn=False)` slots; the training
-form comes from growing each slot at init (`training_branches`), so the same
-module serves training (blocks) and deployment (`deploy=True`, plain convs).
+A training block is `conv_kxk` (3x3 conv slot + BN) + `conv_1x1` (1x1 conv
+slot + BN) + `identity` (a BN on the input, when shapes allow), then ReLU.
+These three branches are fixed parts of the block: only the 3x3 slot of
+`conv_kxk` is a DyRep target (it may grow and nest twice); the 1x1 slot is
+never eligible (kernel 1) and the identity BN is no slot at all, so Dep never
+cuts them. `deploy=True` gives the plain network: one 3x3 conv with bias per
+block, named `conv` (what `fuse_network` produces).
 """
 
 from __future__ import annotations
@@ -12,16 +16,18 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax.numpy as jnp
 
+from dyrep_jax.models.inits import TIMM_BN_BIAS, TIMM_BN_SCALE, grouped_fan_out_normal
 from dyrep_jax.models.layers import (
     ConvBN,
+    bn_after,
     check_images,
     classifier,
     global_avg_pool,
     round_channels,
 )
-from dyrep_jax.rep import allowed_branches
+from dyrep_jax.models.norm import GroupBatchNorm
+from dyrep_jax.rep import RepConv
 
-REPVGG_BRANCHES = ("kxk", "1x1", "id")
 # RepVGG's groupwise layers: indices 2, 4, ..., 26 counting the stem block as 0
 GROUPWISE_LAYERS = tuple(range(2, 27, 2))
 
@@ -48,22 +54,12 @@ REPVGG_CONFIGS = {
 }
 
 
-def training_branches(path, geometry):
-    """RepVGG's training form for any slot: kxk + 1x1 + id, where the geometry allows."""
-    del path
-    allowed = allowed_branches(geometry)
-    return tuple(b for b in REPVGG_BRANCHES if b in allowed)
-
-
-training_branches.last_gamma = 1.0  # RepVGG initializes every branch's BN at gamma 1
-
-
 class RepVGG(nn.Module):
-    """RepVGG; modules `stage0`, `stage{s}_{j}` (ConvBN, no BN), `fc`.
+    """RepVGG; modules `stage0`, `stage{s}_{j}` (`RepVGGBlock`), `fc`.
 
-    Each block is ConvBN(with_bn=False) -> ReLU; the first block of every
-    stage has stride 2. BN lives inside the grown block branches, so
-    `with_bn_after_3x3` has no effect here.
+    The first block of every stage has stride 2. `with_bn_after_3x3=False`
+    (static DBB baseline) drops the BN of each block's `conv_kxk`. Init as
+    timm (`inits.py`, 'timm').
     """
 
     depths: tuple = A_DEPTHS
@@ -74,6 +70,7 @@ class RepVGG(nn.Module):
     dtype: Any = jnp.float32
     with_bn_after_3x3: bool = True
     deploy: bool = False
+    bn_group_size: int = 0
 
     def stage_widths(self) -> tuple:
         a, b = self.multipliers
@@ -84,19 +81,44 @@ class RepVGG(nn.Module):
     def __call__(self, x, train: bool = False):
         check_images(x, type(self).__name__)
         widths = self.stage_widths()
-        unit = dict(deploy=self.deploy, dtype=self.dtype)
-        x = repvgg_block(widths[0], 2, 1, "stage0", unit, x, train)
+        unit = dict(with_bn_after_3x3=self.with_bn_after_3x3, deploy=self.deploy,
+                    dtype=self.dtype, bn_group_size=self.bn_group_size)
+        x = RepVGGBlock(widths[0], 2, 1, name="stage0", **unit)(x, train)
         layer = 1
         for stage, depth in enumerate(self.depths, start=1):
             for index in range(depth):
                 groups = self.groupwise if layer in GROUPWISE_LAYERS else 1
-                x = repvgg_block(widths[stage], 2 if index == 0 else 1, groups,
-                                 f"stage{stage}_{index}", unit, x, train)
+                x = RepVGGBlock(widths[stage], 2 if index == 0 else 1, groups,
+                                name=f"stage{stage}_{index}", **unit)(x, train)
                 layer += 1
-        return classifier(global_avg_pool(x), self.num_classes, self.dtype)
+        return classifier(global_avg_pool(x), self.num_classes, self.dtype, "timm")
 
 
-def repvgg_block(features, strides, groups, name, unit, x, train):
-    """One RepVGG block: a BN-less 3x3 slot (grown into branches at init), then ReLU."""
-    conv = ConvBN(features, 3, strides, groups, with_bn=False, name=name, **unit)
-    return nn.relu(conv(x, train))
+class RepVGGBlock(nn.Module):
+    """timm's RepVggBlock: relu(conv_kxk(x) + conv_1x1(x) + identity(x)); deploy: relu(conv(x))."""
+
+    features: int
+    strides: int = 1
+    groups: int = 1
+    with_bn_after_3x3: bool = True
+    deploy: bool = False
+    dtype: Any = jnp.float32
+    bn_group_size: int = 0
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if self.deploy:
+            conv = RepConv(self.features, 3, self.strides, None, self.groups, use_bias=True,
+                           dtype=self.dtype, name="conv")
+            return nn.relu(conv(x, train))
+        unit = dict(strides=self.strides, groups=self.groups, dtype=self.dtype,
+                    bn_group_size=self.bn_group_size,
+                    kernel_init=grouped_fan_out_normal(self.groups),
+                    bn_scale_init=TIMM_BN_SCALE, bn_bias_init=TIMM_BN_BIAS)
+        y = ConvBN(self.features, 3, with_bn=bn_after(3, self.with_bn_after_3x3),
+                   name="conv_kxk", **unit)(x, train)
+        y = ConvBN(self.features, 1, name="conv_1x1", **unit)(x, train) + y
+        if self.strides == 1 and x.shape[-1] == self.features:
+            y = y + GroupBatchNorm(self.bn_group_size, TIMM_BN_SCALE, TIMM_BN_BIAS,
+                                   name="identity")(x, train)
+        return nn.relu(y)

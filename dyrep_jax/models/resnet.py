@@ -25,12 +25,13 @@ class BasicBlock(nn.Module):
     dtype: Any = jnp.float32
     with_bn_after_3x3: bool = True
     deploy: bool = False
+    bn_group_size: int = 0
     expansion = 1
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         bn3 = bn_after(3, self.with_bn_after_3x3)
-        unit = dict(deploy=self.deploy, dtype=self.dtype)
+        unit = dict(deploy=self.deploy, dtype=self.dtype, bn_group_size=self.bn_group_size)
         y = ConvBN(self.planes, 3, self.strides, with_bn=bn3, name="conv1", **unit)(x, train)
         y = ConvBN(self.planes, 3, with_bn=bn3, name="conv2", **unit)(nn.relu(y), train)
         return nn.relu(y + shortcut(self, x, self.planes, train))
@@ -44,12 +45,13 @@ class Bottleneck(nn.Module):
     dtype: Any = jnp.float32
     with_bn_after_3x3: bool = True
     deploy: bool = False
+    bn_group_size: int = 0
     expansion = 4
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         out = self.planes * self.expansion
-        unit = dict(deploy=self.deploy, dtype=self.dtype)
+        unit = dict(deploy=self.deploy, dtype=self.dtype, bn_group_size=self.bn_group_size)
         y = ConvBN(self.planes, 1, name="conv1", **unit)(x, train)
         y = ConvBN(self.planes, 3, self.strides, with_bn=bn_after(3, self.with_bn_after_3x3),
                    name="conv2", **unit)(nn.relu(y), train)
@@ -62,7 +64,7 @@ def shortcut(block, x, out_channels: int, train: bool):
     if block.strides == 1 and x.shape[-1] == out_channels:
         return x
     return ConvBN(out_channels, 1, block.strides, deploy=block.deploy, dtype=block.dtype,
-                  name="downsample")(x, train)
+                  bn_group_size=block.bn_group_size, name="downsample")(x, train)
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -72,7 +74,8 @@ class ResNet(nn.Module):
     """ResNet; `cifar_stem` swaps the 7x7/2 stem + max-pool for one 3x3/1 conv.
 
     Modules: `conv1` (stem), `layer{i}_{j}` blocks (ConvBN units `conv1`,
-    `conv2`, `conv3`, `downsample`), `fc`.
+    `conv2`, `conv3`, `downsample`), `fc`. Init as torchvision (`inits.py`,
+    'torch'): convs kaiming normal fan_out, BN 1/0, `fc` PyTorch's default.
     """
 
     layers: tuple = (2, 2, 2, 2)
@@ -83,12 +86,13 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     with_bn_after_3x3: bool = True
     deploy: bool = False
+    bn_group_size: int = 0
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         check_images(x, type(self).__name__)
         stem = round_channels(64, self.width)
-        unit = dict(deploy=self.deploy, dtype=self.dtype)
+        unit = dict(deploy=self.deploy, dtype=self.dtype, bn_group_size=self.bn_group_size)
         if self.cifar_stem:
             x = ConvBN(stem, 3, with_bn=bn_after(3, self.with_bn_after_3x3), name="conv1",
                        **unit)(x, train)
@@ -102,5 +106,5 @@ class ResNet(nn.Module):
             for index in range(depth):
                 strides = 2 if stage > 0 and index == 0 else 1
                 x = block_cls(planes, strides, self.dtype, self.with_bn_after_3x3, self.deploy,
-                              name=f"layer{stage + 1}_{index}")(x, train)
-        return classifier(global_avg_pool(x), self.num_classes, self.dtype)
+                              self.bn_group_size, name=f"layer{stage + 1}_{index}")(x, train)
+        return classifier(global_avg_pool(x), self.num_classes, self.dtype, "torch")

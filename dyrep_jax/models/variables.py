@@ -9,17 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dyrep_jax.models.registry import default_initial_branches
+from dyrep_jax.models.dbb import fresh_block
 from dyrep_jax.rep import (
     BRANCH_NAMES,
     RepError,
     check_branches,
     get_at,
-    grow_slot,
     set_at,
     top_level_slots,
 )
-from dyrep_jax.rep.grow import LAST_BN_GAMMA
 from dyrep_jax.rep.introspect import slot_geometries
 from dyrep_jax.rep.tree import to_plain_dict
 
@@ -36,14 +34,14 @@ def init_variables(model, key, input_shape, initial_branches=None) -> dict:
     """{'params', 'batch_stats'} as plain dicts for images of `input_shape` (H, W, C).
 
     `initial_branches` is an optional rule `(slot path, ConvGeometry) ->
-    branch names or None`; each top-level slot it names branches for is grown
-    (function-preserving) with `grow_slot`. Without a rule the model's own
-    default applies (`default_initial_branches`: RepVGG's training form, else
-    plain slots); `lambda path, geometry: None` keeps every slot plain. Works
-    under `jax.eval_shape` (shapes only, nothing computed).
+    branch names or None` (e.g. `dbb_initial_branches`); each top-level slot
+    it names branches for becomes a new block with PyTorch-default weights,
+    as the reference's static DBB conversion builds it (`dbb.fresh_block`).
+    Without a rule every slot stays plain. Works under `jax.eval_shape`
+    (shapes only, nothing computed).
     """
     x = image_spec(input_shape)
-    rule = initial_branches if initial_branches is not None else default_initial_branches(model)
+    rule = initial_branches
     # The non-partitionable threefry compiles several times faster on CPU, and
     # init runs unsharded anyway.
     with jax.threefry_partitionable(False):
@@ -73,10 +71,9 @@ def _cached_init(model):
 
 
 def grow_slots(model, variables, x, key, rule) -> dict:
-    """Grow every top-level slot for which `rule(path, geometry)` names branches."""
+    """A fresh block at every top-level slot for which `rule(path, geometry)` names branches."""
     params, stats = variables["params"], variables["batch_stats"]
     geometries = slot_geometries(model, variables, x)
-    last_gamma = getattr(rule, "last_gamma", LAST_BN_GAMMA)  # a rule may set its branches' init
     for index, path in enumerate(top_level_slots(params)):
         if path not in geometries:
             raise RepError(f"{'.'.join(path)}: slot was not reached by the model's forward pass")
@@ -85,8 +82,8 @@ def grow_slots(model, variables, x, key, rule) -> dict:
         if not branches:
             continue
         branches = check_branches(geometry, branches, path)
-        block, block_stats = _grow_compiled(jax.random.fold_in(key, index), get_at(params, path),
-                                            geometry, branches, last_gamma=last_gamma)
+        block, block_stats = _fresh_compiled(jax.random.fold_in(key, index),
+                                             get_at(params, path), geometry, branches)
         params = set_at(params, path, in_branch_order(block))
         stats = set_at(stats, path, in_branch_order(block_stats))
     return {**variables, "params": params, "batch_stats": stats}
@@ -98,7 +95,7 @@ def in_branch_order(block):
 
 
 # Compiled once per (geometry, branches): networks repeat a few geometries many times.
-_grow_compiled = jax.jit(grow_slot, static_argnames=("geom", "branches", "last_gamma"))
+_fresh_compiled = jax.jit(fresh_block, static_argnames=("geometry", "branches"))
 
 
 def count_params(variables) -> int:

@@ -12,6 +12,7 @@ from dyrep_jax.models.layers import (
     bn_after,
     check_images,
     classifier,
+    dense,
     round_channels,
 )
 
@@ -25,6 +26,7 @@ class VGGCifar(nn.Module):
     After the convs a 2x2 max-pool of stride 1 turns the 2x2 map of a 32x32
     input into 1x1 (its window shrinks for smaller maps), then flatten, Dense
     512 + ReLU, Dense classifier. The hidden width scales with `width` too.
+    Init as the reference's NAS-style model ('goog', see `inits.py`).
     """
 
     num_classes: int = 10
@@ -34,6 +36,7 @@ class VGGCifar(nn.Module):
     deploy: bool = False
     layout: tuple = VGG16_LAYOUT
     hidden: int = 512
+    bn_group_size: int = 0
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -44,12 +47,13 @@ class VGGCifar(nn.Module):
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
                 continue
             x = ConvBN(round_channels(item, self.width), 3, with_bn=bn_after(3, self.with_bn_after_3x3),
-                       deploy=self.deploy, dtype=self.dtype, name=f"conv{index}")(x, train)
+                       deploy=self.deploy, dtype=self.dtype, bn_group_size=self.bn_group_size,
+                       name=f"conv{index}")(x, train)
             x = nn.relu(x)
             index += 1
         window = (min(2, x.shape[1]), min(2, x.shape[2]))
         x = nn.max_pool(x, window, strides=(1, 1))
         x = x.reshape(x.shape[0], -1)
         hidden = round_channels(self.hidden, self.width)
-        x = nn.relu(nn.Dense(hidden, dtype=self.dtype, param_dtype=jnp.float32, name="fc1")(x))
-        return classifier(x, self.num_classes, self.dtype, name="fc2")
+        x = nn.relu(dense(x, hidden, self.dtype, "fc1", "goog"))
+        return classifier(x, self.num_classes, self.dtype, "goog", name="fc2")

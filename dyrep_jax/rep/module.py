@@ -8,6 +8,7 @@ therefore never touches model code: the parameter pytree is the structure.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -35,6 +36,7 @@ class RepConv(nn.Module):
     groups: int = 1
     use_bias: bool = False
     dtype: Any = jnp.float32  # compute dtype; params and BN stats stay float32
+    kernel_init: Callable = conv_kernel_init  # of the plain kernel at init (a model's own rule)
 
     def geometry(self, in_channels: int) -> ConvGeometry:
         return ConvGeometry(in_channels, self.features, self.kernel_size, self.strides,
@@ -50,7 +52,7 @@ class RepConv(nn.Module):
             raise RepError(f"{where}: {cin} input channels not divisible by groups={self.groups}")
         k = self.kernel_size
         if self.is_initializing() and not self.has_variable("params", "kernel"):
-            self.param("kernel", conv_kernel_init, (k, k, cin // self.groups, self.features))
+            self.param("kernel", self.kernel_init, (k, k, cin // self.groups, self.features))
             if self.use_bias:
                 self.param("bias", nn.initializers.zeros, (self.features,))
         if "params" not in self.variables:
