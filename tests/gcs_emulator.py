@@ -137,7 +137,11 @@ def _reset_fsspec_caches():
 
 @contextlib.contextmanager
 def pointed_at(url: str):
-    """Aim epath/gcsfs, tensorstore and google-cloud-storage at `url`; undo on exit."""
+    """Aim epath/gcsfs, tensorstore and google-cloud-storage at `url`; undo on exit.
+
+    Sets environment variables too, so subprocesses started meanwhile (a
+    `python -m dyrep_jax.main` run) use the emulator as well.
+    """
     env = {
         "STORAGE_EMULATOR_HOST": url,
         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
@@ -146,6 +150,8 @@ def pointed_at(url: str):
         # The emulator serves one request at a time.
         "TENSORSTORE_GCS_REQUEST_CONCURRENCY": "4",
         "GOOGLE_CLOUD_PROJECT": "test-project",
+        # For child processes (fsspec reads this at import): anonymous, no listing cache.
+        "FSSPEC_GCS": json.dumps({"token": "anon", "use_listings_cache": False}),
     }
     saved_env = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

@@ -12,6 +12,8 @@ import importlib.util
 import json
 import os
 import struct
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -44,6 +46,13 @@ def test_epath_gs_goes_through_gcsfs_to_the_emulator(gcs_emulator):  # noqa: F81
     fs = backend.fsspec_backend.fs(os.fspath(path))
     assert type(fs).__module__ == "gcsfs.core"
     assert fs._location == gcs_emulator.url
+
+
+def test_a_child_process_reaches_the_same_emulator(gcs_dir):  # noqa: F811
+    target = os.fspath(gcs_dir / "from_child.txt")
+    code = f"from etils import epath; epath.Path({target!r}).write_text('hi')"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    assert (gcs_dir / "from_child.txt").read_text() == "hi"
 
 
 def test_epath_file_operations(gcs_dir, gcs_emulator):  # noqa: F811
