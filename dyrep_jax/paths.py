@@ -109,8 +109,8 @@ class EpathEventFiles:
         epath.Path(path).mkdir(parents=True, exist_ok=True)
 
 
-def route_tensorboardx_through_epath(schemes: tuple[str, ...] = ("gs", "s3")) -> None:
-    """Make tensorboardX write `scheme://` event files through etils.epath."""
+def route_tensorboardx_through_epath(schemes: tuple[str, ...] = ("gs",)) -> None:
+    """Make tensorboardX write `scheme://` event files through etils.epath (gcsfs for gs)."""
     from tensorboardX import record_writer
 
     for scheme in schemes:
