@@ -1,13 +1,22 @@
-"""orbax checkpoints: the train state *is* the architecture, so no template is needed.
+"""The on-disk schema of a run: orbax checkpoints of the train state, and `arch.json`.
 
-A checkpoint holds three items:
-- `state`: params, batch_stats, controller scores (restored without a target:
-  the saved pytree's structure is the network's structure),
-- `opt`: the optax state (restored against `tx.init(params)` of the restored
-  params, since optax states are NamedTuples),
-- `meta`: JSON with step, epoch, data position, best accuracy, config name.
-We keep the latest N and the best (by test top-1). A latest checkpoint that
-cannot be read falls back to the previous one with a warning.
+A checkpoint (one directory per step under DIR/checkpoints) holds three items:
+- `state`: `state.to_checkpoint`'s first item (params, batch_stats, scores,
+  score_steps, step), restored without a template: the saved pytree's
+  structure is the network's structure;
+- `opt`: the optax state, restored against `tx.init(params)` of the restored
+  params (optax states are NamedTuples, which need a template);
+- `meta`: JSON, the fields of `run_meta` (data position, best accuracy, names,
+  structure summary).
+We keep the latest N and the best by test top-1. A checkpoint that cannot be
+read falls back to the previous one with a warning (`restore`).
+
+`arch.json` (next to a fused export, or a run written by `tools.import_torch`)
+describes how to rebuild the model: the fields of `arch_record`.
+
+Older layouts: runs written before `state.py` (commit 67bf3a2 and earlier)
+have the same items; `state.from_checkpoint` fills what they may lack, and
+`tools.arch.with_bn_layout` infers `with_bn_after_3x3` for their arch.json.
 """
 
 from __future__ import annotations
@@ -15,17 +24,30 @@ from __future__ import annotations
 import json
 import logging
 import os
+from typing import NamedTuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from dyrep_jax.rep.tree import structure_of
+from dyrep_jax.state import TrainState, from_checkpoint, to_checkpoint
+
 log = logging.getLogger("dyrep_jax")
+
+ARCH_FILE = "arch.json"
+ITEMS = ("state", "opt", "meta")
 
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class Restored(NamedTuple):
+    step: int
+    state: TrainState  # opt_state is None when the optimizer was not read
+    meta: dict
 
 
 def make_manager(directory: str, keep: int = 3, keep_best: bool = True,
@@ -39,16 +61,25 @@ def make_manager(directory: str, keep: int = 3, keep_best: bool = True,
         enable_async_checkpointing=async_save,
         create=True,
     )
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                                 item_names=("state", "opt", "meta"))
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=ITEMS)
 
 
-def save(manager, step: int, state: dict, opt_state, meta: dict, test_top1: float | None):
+def run_meta(*, epoch: int, step_in_epoch: int, best_test_top1: float, name: str, model: str,
+             params) -> dict:
+    """The `meta` item: where the data stream resumes, and what the run is."""
+    return {"epoch": int(epoch), "step_in_epoch": int(step_in_epoch),
+            "best_test_top1": float(best_test_top1), "name": name, "model": model,
+            "structure": structure_of(params)}
+
+
+def save(manager, state: TrainState, meta: dict, test_top1: float | None):
+    """Save a host-side state as checkpoint `state['step']`; `test_top1` ranks "best"."""
+    item, opt_state = to_checkpoint(state)
     metrics = None if test_top1 is None else {"test_top1": float(test_top1)}
     manager.save(
-        step,
+        int(state["step"]),
         args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
+            state=ocp.args.StandardSave(item),
             opt=ocp.args.StandardSave(opt_state),
             meta=ocp.args.JsonSave(meta),
         ),
@@ -61,54 +92,110 @@ def _as_host(tree):
     return jax.tree_util.tree_map(np.asarray, tree)
 
 
-def restore_latest(manager, make_opt_template):
-    """(step, state, opt_state, meta) of the newest readable checkpoint, or None.
+def _restore_step(manager, step: int, make_opt_template) -> Restored:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    item = _as_host(dict(restored["state"]))
+    opt = None
+    if make_opt_template is not None:
+        template = _as_host(make_opt_template(item["params"]))
+        opt = manager.restore(step, args=ocp.args.Composite(
+            opt=ocp.args.StandardRestore(template)))["opt"]
+    return Restored(step, from_checkpoint(item, opt), dict(restored["meta"] or {}))
 
-    `make_opt_template(params)` returns `tx.init(params)`.
+
+def restore(manager, make_opt_template=None) -> Restored | None:
+    """The newest readable checkpoint, or None when there is none.
+
+    `make_opt_template(params)` returns `tx.init(params)`; without it the
+    optimizer state is not read. Unreadable checkpoints are skipped with a
+    warning; if none can be read, CheckpointError says what to do.
     """
-    steps = sorted(manager.all_steps(), reverse=True)
     errors = []
-    for step in steps:
+    for step in sorted(manager.all_steps(), reverse=True):
         try:
-            restored = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-            state = _as_host(restored["state"])
-            template = make_opt_template(state["params"])
-            opt = manager.restore(step, args=ocp.args.Composite(
-                opt=ocp.args.StandardRestore(_as_host(template))))["opt"]
-            if errors:
-                log.warning("checkpoint(s) %s unreadable, resumed from step %d instead",
-                            ", ".join(str(s) for s, _ in errors), step)
-            return step, state, opt, dict(restored["meta"])
+            found = _restore_step(manager, step, make_opt_template)
         except Exception as exc:  # noqa: BLE001 - any read failure means "try the previous one"
             log.warning("checkpoint at step %d could not be restored (%s: %s); trying the "
                         "previous one", step, type(exc).__name__, str(exc).splitlines()[0][:200])
             errors.append((step, exc))
+            continue
+        if errors:
+            log.warning("checkpoint(s) %s unreadable, resumed from step %d instead",
+                        ", ".join(str(s) for s, _ in errors), step)
+        return found
     if errors:
         raise CheckpointError(
             f"no readable checkpoint in {manager.directory}: tried steps "
             f"{[s for s, _ in errors]}; last error: {errors[-1][1]}. Move the directory away "
-            "to start fresh."
-        )
+            "to start fresh.")
     return None
 
 
-def save_fused(directory: str, fused_variables: dict, arch: dict, write_arch: bool = True):
-    """Deploy parameters (orbax) plus `arch.json` describing how to rebuild the model."""
+def restore_dir(checkpoint_dir: str, make_opt_template=None) -> Restored | None:
+    """`restore` of the checkpoints in a directory (read only: nothing is created)."""
+    if not os.path.isdir(checkpoint_dir):
+        return None
+    manager = make_manager(checkpoint_dir, async_save=False)
+    try:
+        return restore(manager, make_opt_template)
+    finally:
+        manager.close()
+
+
+# ----------------------------------------------------------------------------- arch.json
+
+
+def arch_record(*, model: str, num_classes: int, width: float, dtype: str, image_shape,
+                with_bn_after_3x3: bool, mean=None, std=None, **extra) -> dict:
+    """Every field of `arch.json`; `extra` adds run facts (params, macs, test_top1, name...)."""
+    arch = {"model": model, "num_classes": int(num_classes), "width": float(width),
+            "dtype": dtype, "image_shape": [int(v) for v in image_shape],
+            "with_bn_after_3x3": bool(with_bn_after_3x3)}
+    if mean is not None:
+        arch["mean"] = [float(v) for v in np.asarray(mean).reshape(-1)]
+        arch["std"] = [float(v) for v in np.asarray(std).reshape(-1)]
+    return {**arch, **extra}
+
+
+def write_arch(directory: str, arch: dict) -> str:
+    path = os.path.join(directory, ARCH_FILE)
+    with open(path, "w") as f:
+        json.dump(arch, f, indent=2)
+    return path
+
+
+def read_arch(directory: str) -> dict | None:
+    """DIR/arch.json, or None if absent; ValueError when it is not an arch."""
+    path = os.path.join(directory, ARCH_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            arch = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(arch, dict) or "model" not in arch:
+        raise ValueError(f"{path}: expected a JSON object with at least a 'model' field")
+    return arch
+
+
+def save_fused(directory: str, fused_variables: dict, arch: dict, write_arch_file: bool = True):
+    """Deploy parameters (orbax, DIR/params) plus DIR/arch.json."""
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
     ckptr = ocp.StandardCheckpointer()
-    target = os.path.join(directory, "params")
-    ckptr.save(target, _as_host(fused_variables), force=True)
+    ckptr.save(os.path.join(directory, "params"), _as_host(fused_variables), force=True)
     ckptr.wait_until_finished()
-    if write_arch:
-        with open(os.path.join(directory, "arch.json"), "w") as f:
-            json.dump(arch, f, indent=2)
+    if write_arch_file:
+        write_arch(directory, arch)
 
 
 def load_fused(directory: str):
+    """(fused variables, arch) of a fused export."""
     directory = os.path.abspath(directory)
-    with open(os.path.join(directory, "arch.json")) as f:
-        arch = json.load(f)
+    arch = read_arch(directory)
+    if arch is None:
+        raise FileNotFoundError(f"no {ARCH_FILE} in {directory}")
     variables = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"))
     return _as_host(variables), arch

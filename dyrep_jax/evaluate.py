@@ -1,4 +1,8 @@
-"""--mode=eval and --mode=export: work on the latest checkpoint of a run."""
+"""--mode=eval and --mode=export: work on the latest checkpoint of a run.
+
+Both restore params and BN statistics only (no optimizer, no training
+batches): an `Experiment` is the config, the models and the test split.
+"""
 
 from __future__ import annotations
 
@@ -7,30 +11,28 @@ import os
 
 from dyrep_jax import checkpoint as ckpt
 from dyrep_jax import models
-from dyrep_jax.reporting import human
-from dyrep_jax.train import Trainer, state_variables, to_host
+from dyrep_jax.experiment import Experiment
+from dyrep_jax.state import variables_of
 
 log = logging.getLogger("dyrep_jax")
 
 
 def _restored(config, workdir):
-    trainer = Trainer(config, workdir)
-    restored = trainer.restore()
-    if restored is None:
+    exp = Experiment(config, workdir)
+    found = ckpt.restore_dir(os.path.join(exp.workdir, "checkpoints"))
+    if found is None:
         raise FileNotFoundError(
-            f"no checkpoint in {os.path.join(os.path.abspath(workdir), 'checkpoints')}; train "
+            f"no checkpoint in {os.path.join(exp.workdir, 'checkpoints')}; train "
             "first (same command with --mode=train)")
-    state, meta = restored
-    return trainer, to_host(state_variables(state)), meta
+    return exp, variables_of(found.state), found.meta
 
 
 def evaluate_latest(config, workdir) -> dict:
     """Test accuracy of the latest checkpoint, unfused and fused."""
-    trainer, variables, meta = _restored(config, workdir)
-    loss, top1 = trainer.evaluate(trainer.model, trainer.place.replicate(variables), "eval")
+    exp, variables, meta = _restored(config, workdir)
+    loss, top1 = exp.evaluate(exp.model, exp.place.replicate(variables), "eval")
     fused = models.fuse_network(variables)
-    f_loss, f_top1 = trainer.evaluate(trainer.deploy_model, trainer.place.replicate(fused),
-                                      "eval_fused")
+    f_loss, f_top1 = exp.evaluate(exp.deploy_model, exp.place.replicate(fused), "eval_fused")
     log.info("epoch %d checkpoint: test top1 %.4f (loss %.4f); fused top1 %.4f (loss %.4f)",
              meta["epoch"], top1, loss, f_top1, f_loss)
     return {"epoch": meta["epoch"], "test_top1": top1, "test_loss": loss,
@@ -39,17 +41,7 @@ def evaluate_latest(config, workdir) -> dict:
 
 def export_latest(config, workdir) -> dict:
     """Fuse the latest checkpoint and write DIR/fused/ (orbax params + arch.json)."""
-    trainer, variables, meta = _restored(config, workdir)
-    fused = models.fuse_network(variables)
-    params = models.count_params(fused)
-    macs = models.count_macs(trainer.deploy_model, fused, trainer.image_shape)
-    arch = {"model": config.model.name, "num_classes": trainer.num_classes,
-            "width": config.model.width, "dtype": config.model.dtype,
-            "image_shape": list(trainer.image_shape), "mean": [float(v) for v in trainer.mean],
-            "std": [float(v) for v in trainer.std], "params": params, "macs": macs,
-            "name": config.name, "epoch": meta["epoch"]}
-    out = os.path.join(os.path.abspath(workdir), "fused")
-    ckpt.save_fused(out, to_host(fused), arch)
-    log.info("exported deploy network (params %s, MACs %s) to %s", human(params), human(macs),
-             out)
-    return {"fused_dir": out, "params": params, "macs": macs}
+    exp, variables, meta = _restored(config, workdir)
+    out = exp.export_fused(variables, epoch=meta["epoch"])
+    return {"fused_dir": out["fused_dir"], "params": out["fused_params"],
+            "macs": out["fused_macs"], "fused_test_top1": out["fused_test_top1"]}

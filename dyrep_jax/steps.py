@@ -16,6 +16,7 @@ import optax
 
 from dyrep_jax.data import augment_on_device, normalize_images
 from dyrep_jax.dyrep import accumulate_scores
+from dyrep_jax.state import TrainState
 
 log = logging.getLogger("dyrep_jax")
 
@@ -29,7 +30,7 @@ def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0
 
 def make_train_step(model, tx, schedule, *, eligible, metric, num_classes, label_smoothing,
                     mean, std, augment_kind, dtype, fail_at_step=-1):
-    """(state, images uint8, labels, rng) -> (state, metrics) for one structure."""
+    """(TrainState, images uint8, labels, rng) -> (TrainState, metrics) for one structure."""
 
     def train_step(state, images, labels, rng):
         aug_key, score_key = jax.random.split(rng)
@@ -49,14 +50,10 @@ def make_train_step(model, tx, schedule, *, eligible, metric, num_classes, label
         scores = accumulate_scores(state["scores"], grads, state["params"], eligible, metric,
                                    score_key)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        new_state = {
-            "params": optax.apply_updates(state["params"], updates),
-            "batch_stats": batch_stats,
-            "opt_state": opt_state,
-            "scores": scores,
-            "score_steps": state["score_steps"] + 1,
-            "step": state["step"] + 1,
-        }
+        new_state = TrainState(
+            params=optax.apply_updates(state["params"], updates), batch_stats=batch_stats,
+            opt_state=opt_state, scores=scores, score_steps=state["score_steps"] + 1,
+            step=state["step"] + 1)
         correct = jnp.sum(jnp.argmax(logits, -1) == labels)
         metrics = {"loss": loss, "correct": correct, "lr": schedule(state["step"])}
         return new_state, metrics
@@ -88,23 +85,6 @@ def make_prepare_images(mean, std, augment_kind, dtype):
         return augment_on_device(rng, images, mean, std, augment_kind).astype(dtype)
 
     return prepare
-
-
-def make_bn_recalibration_step(model):
-    """Batch statistics of every BN for one batch (network in train mode).
-
-    Running stats are zeroed first, so PyTorch's update `0.9 * 0 + 0.1 * batch`
-    returns batch statistics scaled by the momentum, which we undo.
-    """
-    from dyrep_jax.rep.bn import MOMENTUM
-
-    def batch_stats_of(variables, x):
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, variables["batch_stats"])
-        _, updates = model.apply({"params": variables["params"], "batch_stats": zeros}, x,
-                                 train=True, mutable=["batch_stats"])
-        return jax.tree_util.tree_map(lambda s: s / MOMENTUM, updates["batch_stats"])
-
-    return batch_stats_of
 
 
 class StepCache:

@@ -37,8 +37,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from dyrep_jax import models  # noqa: E402
+from dyrep_jax.calibration import calibrate_block  # noqa: E402
 from dyrep_jax.data.stats import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from dyrep_jax.dyrep import calibrate_block, dbb_initial_branches, eligible_slots  # noqa: E402
+from dyrep_jax.dyrep import eligible_slots  # noqa: E402
+from dyrep_jax.models import dbb_initial_branches  # noqa: E402
 from dyrep_jax.optim import cosine_schedule, make_optimizer, remap_opt_state  # noqa: E402
 from dyrep_jax.rep import allowed_branches  # noqa: E402
 from dyrep_jax.rep import apply as rep_apply  # noqa: E402
@@ -46,6 +48,7 @@ from dyrep_jax.rep import fast as rep_fast  # noqa: E402
 from dyrep_jax.rep.introspect import slot_geometries  # noqa: E402
 from dyrep_jax.rep.network import cut_at, grow_at  # noqa: E402
 from dyrep_jax.rep.tree import get_at, is_block_node, structure_of, top_level_slots  # noqa: E402
+from dyrep_jax.state import new_train_state  # noqa: E402
 from dyrep_jax.steps import (  # noqa: E402
     StepCache,
     make_eval_step,
@@ -225,13 +228,8 @@ class Bench:
         jitted program rather than an eager op per leaf."""
 
         def fresh(variables, opt_state):
-            params = variables["params"]
-            state = {
-                "params": params, "batch_stats": variables["batch_stats"],
-                "opt_state": self.tx.init(params) if opt_state is None else opt_state,
-                "scores": jnp.zeros((len(eligible),), jnp.float32),
-                "score_steps": jnp.zeros((), jnp.int32), "step": jnp.zeros((), jnp.int32),
-            }
+            opt = self.tx.init(variables["params"]) if opt_state is None else opt_state
+            state = new_train_state(variables, opt, num_scores=len(eligible))
             return jax.tree_util.tree_map(jnp.copy, state)
 
         return jax.jit(fresh)(variables, opt_state)

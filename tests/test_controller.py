@@ -8,20 +8,23 @@ import pytest
 from rep_helpers import randomize_bn_params, randomize_stats
 
 from dyrep_jax import models
+from dyrep_jax.calibration import calibrate_block, calibrate_network
+from dyrep_jax.config_base import base_config
 from dyrep_jax.data import normalize_images
 from dyrep_jax.dyrep import (
+    Controller,
     ControllerConfig,
     adjust,
-    calibrate_block,
-    dbb_initial_branches,
     eligible_slots,
     pick_slots,
     slot_score,
 )
+from dyrep_jax.models import dbb_initial_branches
 from dyrep_jax.optim import cosine_schedule, make_optimizer, remap_opt_state
 from dyrep_jax.rep.introspect import slot_geometries
 from dyrep_jax.rep.network import grow_at
 from dyrep_jax.rep.tree import dotted, get_at, is_block_node, set_at, structure_of
+from dyrep_jax.state import new_train_state
 from dyrep_jax.steps import StepCache, make_train_step
 
 SHAPE = (8, 8, 3)
@@ -42,6 +45,11 @@ def batches(n, seed=0, size=8):
     for _ in range(n):
         yield (rng.integers(0, 256, (size, *SHAPE), dtype=np.uint8),
                rng.integers(0, 4, (size,), dtype=np.int32))
+
+
+def ctrl_config(**overrides) -> ControllerConfig:
+    """The base config's controller fields, with `overrides`."""
+    return ControllerConfig.from_config(base_config(), **overrides)
 
 
 def logits_of(model, variables, images):
@@ -74,10 +82,7 @@ def run_and_compare_scores(model, variables, metric, score_of):
     step = jax.jit(make_train_step(
         model, tx, cosine_schedule(0.05, 10), eligible=paths, metric=metric, num_classes=4,
         label_smoothing=0.0, mean=MEAN, std=STD, augment_kind="none", dtype=jnp.float32))
-    state = {"params": variables["params"], "batch_stats": variables["batch_stats"],
-             "opt_state": tx.init(variables["params"]),
-             "scores": jnp.zeros((len(paths),)), "score_steps": jnp.zeros((), jnp.int32),
-             "step": jnp.zeros((), jnp.int32)}
+    state = new_train_state(variables, tx.init(variables["params"]), num_scores=len(paths))
     expected = np.zeros(len(paths))
     for i, (images, labels) in enumerate(batches(3)):
         params, bstats = state["params"], state["batch_stats"]
@@ -148,7 +153,7 @@ def test_grow_picks_argmax_and_preserves_network_output(tiny):
     scores[3] = 5.0
     images = normalize_images(next(batches(1, seed=3))[0], MEAN, STD)
     before = logits_of(model, variables, images)
-    cfg = ControllerConfig(mode="rep", calib_batches=3)
+    cfg = ctrl_config(mode="rep", calib_batches=3)
     new, decisions = adjust(jax.random.PRNGKey(0), variables, geoms, scores, paths, cfg,
                             make_calibrate(model, geoms), grow=True, cut=False)
     assert [d["slot"] for d in decisions] == [dotted(paths[3])]
@@ -178,7 +183,7 @@ def test_dep_cuts_exactly_and_records_importances(tiny):
     images = normalize_images(next(batches(1, seed=3))[0], MEAN, STD)
     before = logits_of(model, variables, images)
     new, decisions = adjust(jax.random.PRNGKey(0), variables, geoms, np.zeros(0), [],
-                            ControllerConfig(), make_calibrate(model, geoms), grow=False,
+                            ctrl_config(), make_calibrate(model, geoms), grow=False,
                             cut=True)
     assert len(decisions) == 1 and decisions[0]["op"] == "cut"
     assert set(decisions[0]["branches"]) == {"1xk", "id"}
@@ -244,32 +249,114 @@ def test_one_compiled_step_per_structure(tiny):
 
 def test_modes_and_dbb_initial_structure():
     with pytest.raises(ValueError, match="unknown mode 'grow'.*plain, dbb, rep, dyrep"):
-        ControllerConfig(mode="grow")
-    assert not ControllerConfig(mode="plain").grows
-    assert ControllerConfig(mode="rep").grows and not ControllerConfig(mode="rep").cuts
-    assert ControllerConfig(mode="dyrep").cuts
+        ctrl_config(mode="grow")
+    assert not ctrl_config(mode="plain").grows
+    assert ctrl_config(mode="rep").grows and not ctrl_config(mode="rep").cuts
+    assert ctrl_config(mode="dyrep").cuts
     model = models.create_model("resnet18_cifar", num_classes=4, width=0.125,
                                 with_bn_after_3x3=False)
     variables = models.init_variables(model, jax.random.PRNGKey(0), SHAPE,
                                       initial_branches=dbb_initial_branches)
     structure = structure_of(variables["params"])
     assert structure and all(b == ["1x1", "1x1_kxk", "1x1_avg", "kxk"] for b in structure.values())
-    for path, _ in [(p, 0) for p in eligible_slots(variables["params"])]:
+    inner = eligible_slots(variables["params"])
+    assert inner  # the kxk convs inside the blocks are still eligible
+    for path in inner:
         assert is_block_node(get_at(variables["params"], path[:-2]))  # only kxk convs inside
 
 
-def test_bn_recalibration_gives_cumulative_batch_statistics(tiny):
-    from dyrep_jax.rep import apply_slot
-    from dyrep_jax.steps import make_bn_recalibration_step
+def conv_same(x, kernel, pad):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), [(pad, pad), (pad, pad)],
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
+
+def mean_of_moments(outputs):
+    """Mean over batches of each batch's per-channel mean and unbiased variance (float64)."""
+    flat = [np.asarray(z, np.float64).reshape(-1, z.shape[-1]) for z in outputs]
+    return (np.mean([f.mean(0) for f in flat], 0), np.mean([f.var(0, ddof=1) for f in flat], 0))
+
+
+def train_mode_slot_input(model, variables, x, path):
+    """The input of slot `path` with the network in training mode (batch statistics)."""
+    import flax.linen as nn
+
+    found = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and tuple(context.module.scope.path) == path:
+            found["x"] = args[0]
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        model.apply(variables, x, train=True, mutable=["batch_stats"])
+    return found["x"]
+
+
+def test_network_calibration_is_the_mean_of_per_batch_moments(tiny):
+    model, variables, _ = tiny
+    xs = [normalize_images(i, MEAN, STD) for i, _ in batches(3, seed=11)]
+    got = calibrate_network(model, variables, xs)
+    for unit in (("conv1",), ("layer1_1", "conv2")):  # the stem and a BN deep inside
+        path = (*unit, "conv")
+        kernel = get_at(variables["params"], path)["kernel"]
+        outs = [conv_same(train_mode_slot_input(model, variables, x, path), kernel, 1)
+                for x in xs]
+        mean, var = mean_of_moments(outs)
+        bn = get_at(got, (*unit, "bn"))
+        np.testing.assert_allclose(bn["mean"], mean, atol=1e-5)
+        np.testing.assert_allclose(bn["var"], var, rtol=1e-4, atol=1e-6)
+
+
+def test_block_calibration_is_the_mean_of_per_batch_moments(tiny):
     model, variables, geoms = tiny
-    recal = jax.jit(make_bn_recalibration_step(model))
-    xs = [normalize_images(i, MEAN, STD) for i, _ in batches(2, seed=11)]
-    got = [recal(variables, x) for x in xs]
-    stem = ("conv1", "conv")
-    for x, stats in zip(xs, got, strict=True):
-        z, _ = apply_slot(variables["params"]["conv1"]["conv"], {}, x, geoms[stem], train=False)
-        flat = np.asarray(z).reshape(-1, z.shape[-1])
-        np.testing.assert_allclose(stats["conv1"]["bn"]["mean"], flat.mean(0), atol=1e-5)
-        np.testing.assert_allclose(stats["conv1"]["bn"]["var"], flat.var(0, ddof=1), rtol=1e-4,
-                                   atol=1e-6)
+    path = ("conv1", "conv")  # the stem: its input is the image itself
+    params, stats = grow_at(jax.random.PRNGKey(1), variables["params"], variables["batch_stats"],
+                            path, geoms[path], ["1x1", "kxk"])
+    xs = [normalize_images(i, MEAN, STD) for i, _ in batches(3, seed=12)]
+    got = calibrate_block(model, {"params": params, "batch_stats": stats}, path, geoms, xs)
+    block = get_at(params, path)
+    for branch, pad in (("kxk", 1), ("1x1", 0)):
+        mean, var = mean_of_moments([conv_same(x, block[branch]["conv"]["kernel"], pad)
+                                     for x in xs])
+        np.testing.assert_allclose(got[branch]["bn"]["mean"], mean, atol=1e-5)
+        np.testing.assert_allclose(got[branch]["bn"]["var"], var, rtol=1e-4, atol=1e-6)
+
+
+def test_controller_schedule_adjusts_on_interval_and_recalibrates_between():
+    def plans(**overrides):
+        fields = dict(adjust_interval=2, max_adjust_epochs=5, recal_bn_every_epoch=True,
+                      num_epochs=8)
+        cfg = ctrl_config(**{**fields, **overrides})
+        ctrl = Controller(cfg, None, SHAPE, jax.random.PRNGKey(0), batches=None,
+                          replicate=None, to_host=None)
+        got = [ctrl.plan(e) for e in range(1, 9)]
+        return ([e for e, p in enumerate(got, 1) if p.adjust],
+                [e for e, p in enumerate(got, 1) if p.recalibrate])
+
+    assert plans() == ([2, 4], [1, 3, 5])
+    assert plans(mode="plain") == ([], [1, 2, 3, 4, 5])
+    assert plans(num_epochs=4) == ([2], [1, 3, 4, 5])  # never adjust after the last epoch
+    assert plans(recal_bn_every_epoch=False)[1] == []
+
+
+def test_controller_recalibration_uses_recal_batches_and_keeps_structure(tiny):
+    model, variables, _ = tiny
+    xs = [normalize_images(i, MEAN, STD) for i, _ in batches(4, seed=13)]
+    asked = []
+
+    def lend(epoch, count):
+        asked.append((epoch, count))
+        return iter(xs[:count])
+
+    cfg = ctrl_config(mode="dyrep", recal_bn_every_epoch=True, recal_bn_batches=3, num_epochs=4,
+                      adjust_interval=2)
+    ctrl = Controller(cfg, model, SHAPE, jax.random.PRNGKey(0), batches=lend,
+                      replicate=lambda t: t, to_host=lambda t: t)
+    assert ctrl.plan(2).adjust and not ctrl.plan(1).adjust
+    out = ctrl.after_epoch(1, variables, np.zeros(0), 4)
+    assert out.plan.recalibrate and out.decisions == [] and asked == [(1, 3)]
+    assert out.variables["params"] is variables["params"]
+    expected = calibrate_network(model, variables, xs[:3])
+    for a, b in zip(jax.tree_util.tree_leaves(out.variables["batch_stats"]),
+                    jax.tree_util.tree_leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)

@@ -373,7 +373,7 @@ def test_imported_run_records_arch_structure_and_epoch(resnet):
     tx = make_optimizer(name=o.name, schedule=cosine_schedule(o.lr, 10), momentum=o.momentum,
                         weight_decay=o.weight_decay)
     manager = ckpt.make_manager(os.path.join(resnet["dir"], "checkpoints"), async_save=False)
-    step, state, _, meta = ckpt.restore_latest(manager, tx.init)  # as --mode=eval/export do
+    step, state, meta = ckpt.restore(manager, tx.init)  # as training resumes
     assert step == 0 and meta["epoch"] == 3 and meta["model"] == "resnet18"
     structure = meta["structure"]
     assert structure["layer1_0.conv1.conv"] == list(BRANCHES)

@@ -1,8 +1,9 @@
 """The architecture behind a checkpoint, as one dict, and the model built from it.
 
-An arch dict holds `model`, `num_classes`, `width`, `image_shape` and
-`with_bn_after_3x3` (False for the static DBB baseline). It comes from an
-`arch.json` when one exists; otherwise it is inferred from the parameters:
+An arch dict holds the fields of `checkpoint.arch_record` (`model`,
+`num_classes`, `width`, `image_shape`, `with_bn_after_3x3`: False for the
+static DBB baseline, ...). It comes from an `arch.json` when one exists;
+otherwise it is inferred from the parameters:
 
 - num_classes: the output width of the classifier Dense (the one Dense whose
   output follows `num_classes` in the model);
@@ -17,9 +18,8 @@ so a rule that guesses wrong fails with the layer that does not fit.
 
 from __future__ import annotations
 
-import json
-import os
-
+from dyrep_jax import checkpoint as ckpt
+from dyrep_jax.checkpoint import ARCH_FILE
 from dyrep_jax.models import create_model, default_input_shape
 from dyrep_jax.models.registry import MODEL_NAMES
 from dyrep_jax.rep.tree import get_at
@@ -27,28 +27,17 @@ from dyrep_jax.tools.errors import ToolError
 from dyrep_jax.tools.fit import abstract_variables
 from dyrep_jax.tools.layout import layers_of, slot_out_channels
 
-ARCH_FILE = "arch.json"
-
 
 def read_arch_file(directory: str) -> dict | None:
-    path = os.path.join(directory, ARCH_FILE)
-    if not os.path.isfile(path):
-        return None
+    """DIR/arch.json (schema: `checkpoint.arch_record`), or None if there is none."""
     try:
-        with open(path) as f:
-            arch = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise ToolError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(arch, dict) or "model" not in arch:
-        raise ToolError(f"{path}: expected a JSON object with at least a 'model' field")
-    return arch
+        return ckpt.read_arch(directory)
+    except ValueError as exc:
+        raise ToolError(str(exc)) from exc
 
 
 def write_arch_file(directory: str, arch: dict) -> str:
-    path = os.path.join(directory, ARCH_FILE)
-    with open(path, "w") as f:
-        json.dump(arch, f, indent=2)
-    return path
+    return ckpt.write_arch(directory, arch)
 
 
 def check_model_name(name) -> str:

@@ -19,10 +19,10 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from dyrep_jax import checkpoint as ckpt
 from dyrep_jax.models import fuse_network
+from dyrep_jax.state import variables_of
 from dyrep_jax.tools.arch import (
     build_model,
     image_shape_of,
@@ -68,7 +68,7 @@ def load_fused_dir(directory: str) -> Network:
 
 def load_run_dir(directory: str, fuse: bool) -> Network:
     step, state, meta = restore_newest(os.path.join(directory, "checkpoints"))
-    variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
+    variables = variables_of(state)
     arch = run_arch(directory, meta, variables["params"])
     model = build_model(arch)
     what = f"checkpoint at step {step} in {directory}"
@@ -95,21 +95,10 @@ def run_arch(directory: str, meta: dict, params) -> dict:
 
 def restore_newest(checkpoint_dir: str):
     """(step, state, meta) of the newest checkpoint that can be read; the optimizer is not read."""
-    manager = ckpt.make_manager(checkpoint_dir, async_save=False)
-    steps = sorted(manager.all_steps(), reverse=True)
-    if not steps:
+    try:
+        found = ckpt.restore_dir(checkpoint_dir)
+    except ckpt.CheckpointError as exc:
+        raise ToolError(first_line(exc)) from exc
+    if found is None:
         raise ToolError(f"no checkpoint in {checkpoint_dir}")
-    errors = []
-    for step in steps:
-        try:
-            restored = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-        except Exception as exc:  # noqa: BLE001 - try the previous checkpoint
-            errors.append(f"step {step}: {first_line(exc)}")
-            continue
-        if errors:
-            log.warning("newest checkpoint(s) unreadable, using step %d: %s", step,
-                        "; ".join(errors))
-        state = jax.tree_util.tree_map(np.asarray, dict(restored["state"]))
-        return step, state, dict(restored["meta"] or {})
-    raise ToolError(f"no readable checkpoint in {checkpoint_dir}: " + "; ".join(errors))
+    return found

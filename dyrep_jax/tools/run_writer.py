@@ -14,13 +14,12 @@ import importlib.util
 import os
 
 import jax
-import numpy as np
 
 from dyrep_jax import checkpoint as ckpt
 from dyrep_jax.config_base import base_config
 from dyrep_jax.dyrep import eligible_slots
 from dyrep_jax.optim import cosine_schedule, make_optimizer
-from dyrep_jax.rep.tree import structure_of
+from dyrep_jax.state import new_train_state
 from dyrep_jax.tools.arch import write_arch_file
 from dyrep_jax.tools.errors import ToolError
 
@@ -63,14 +62,13 @@ def write_run(out_dir: str, variables: dict, arch: dict, epoch: int, name: str,
     check_empty_target(out_dir)
     config = base_config() if config is None else config
     params = variables["params"]
-    state = {"params": params, "batch_stats": variables["batch_stats"],
-             "scores": np.zeros((len(eligible_slots(params)),), np.float32),
-             "score_steps": np.zeros((), np.int32), "step": np.asarray(0, np.int32)}
-    meta = {"epoch": int(epoch), "step_in_epoch": 0, "best_test_top1": -1.0, "name": name,
-            "model": arch["model"], "structure": structure_of(params)}
+    state = new_train_state(variables, fresh_opt_state(config, params),
+                            num_scores=len(eligible_slots(params)))
+    meta = ckpt.run_meta(epoch=epoch, step_in_epoch=0, best_test_top1=-1.0, name=name,
+                         model=arch["model"], params=params)
     checkpoints = os.path.join(os.path.abspath(out_dir), "checkpoints")
     manager = ckpt.make_manager(checkpoints, async_save=False)
-    ckpt.save(manager, 0, state, fresh_opt_state(config, params), meta, None)
+    ckpt.save(manager, state, meta, None)
     manager.wait_until_finished()
     manager.close()
     write_arch_file(out_dir, arch)

@@ -1,0 +1,186 @@
+"""What training, evaluation and export share: a checked config, devices, models, data, eval.
+
+`Experiment(config, workdir)` builds no optimizer and iterates no training
+data, so `--mode=eval/export` use it alone; the `Trainer` adds the optimizer,
+the controller and the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dyrep_jax import checkpoint as ckpt
+from dyrep_jax import models
+from dyrep_jax.config_base import base_config
+from dyrep_jax.data import build_input
+from dyrep_jax.dyrep import ControllerConfig
+from dyrep_jax.reporting import human
+from dyrep_jax.steps import StepCache, make_eval_step
+
+log = logging.getLogger("dyrep_jax")
+
+GROUP_TYPES = (Mapping, ml_collections.ConfigDict)
+
+
+def validate_config(config, reference=None, prefix=""):
+    """Every field must exist in `base_config()` with a compatible type."""
+    reference = base_config() if reference is None else reference
+    for key in config.keys():
+        name = f"{prefix}{key}"
+        if key not in reference:
+            raise ValueError(
+                f"unknown config field '{name}'; valid fields here: "
+                f"{', '.join(sorted(reference.keys()))}")
+        value, ref = config[key], reference[key]
+        if isinstance(ref, GROUP_TYPES):
+            if not isinstance(value, GROUP_TYPES):
+                raise ValueError(f"config field '{name}' must be a group of fields")
+            validate_config(value, ref, prefix=f"{name}.")
+    if prefix == "":
+        ControllerConfig.from_config(config)  # mode, metric, interval
+        if config.model.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"model.dtype must be float32 or bfloat16, got {config.model.dtype}")
+        if config.batch_size < 1 or config.num_epochs < 1:
+            raise ValueError("batch_size and num_epochs must be positive")
+
+
+def to_host(tree):
+    """Local numpy copy of a (replicated) device tree, valid on every host."""
+
+    def one(a):
+        if isinstance(a, jax.Array):
+            return np.asarray(a.addressable_data(0))
+        return np.asarray(a)
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+class Placement:
+    """Mesh over the data axis: state replicated, batches split across devices/hosts."""
+
+    def __init__(self, num_devices: int = 0):
+        devices = jax.devices()
+        if num_devices:
+            if jax.process_count() > 1:
+                raise ValueError("num_devices applies to single-host runs only")
+            devices = devices[:num_devices]
+        self.mesh = Mesh(np.array(devices), ("data",))
+        self.replicated = NamedSharding(self.mesh, P())
+        self.batch = NamedSharding(self.mesh, P("data"))
+        self.num_devices = len(devices)
+
+    def replicate(self, tree):
+        return jax.tree_util.tree_map(lambda a: jax.device_put(np.asarray(a), self.replicated),
+                                      tree)
+
+    def shard_batch(self, local):
+        """Process-local rows -> one global array sharded over the data axis."""
+        return jax.tree_util.tree_map(
+            lambda a: jax.make_array_from_process_local_data(self.batch, np.asarray(a)), local)
+
+    def check_divides(self, *sizes):
+        if any(s % self.num_devices for s in sizes):
+            raise ValueError(
+                f"batch_size and eval_batch_size ({', '.join(map(str, sizes))}) must be "
+                f"divisible by the {self.num_devices} devices")
+
+
+def open_input(config, place: Placement):
+    d = config.data
+    inp = build_input(
+        d.dataset, data_dir=d.data_dir or None, global_batch_size=config.batch_size,
+        eval_batch_size=config.eval_batch_size, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        augment=d.augment, image_size=d.image_size or None,
+        max_train_examples=d.max_train_examples or None,
+        max_test_examples=d.max_test_examples or None,
+        color_jitter=d.color_jitter, random_erasing=d.random_erasing,
+        host_workers=d.host_workers, num_classes=config.model.num_classes or None)
+    if inp.steps_per_epoch < 1:
+        raise ValueError(f"batch_size {config.batch_size} exceeds the {inp.num_train} "
+                         "training examples")
+    return inp
+
+
+class Experiment:
+    """Config, devices, input, the training and deploy models, and evaluation."""
+
+    def __init__(self, config, workdir: str):
+        validate_config(config)
+        self.config = config
+        self.workdir = os.path.abspath(workdir)
+        os.makedirs(self.workdir, exist_ok=True)
+        self.place = Placement(config.get("num_devices", 0))
+        self.place.check_divides(config.batch_size, config.eval_batch_size)
+        self.inp = open_input(config, self.place)
+        self.num_classes = config.model.num_classes or self.inp.num_classes
+        self.dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
+        self.with_bn_after_3x3 = config.dyrep.mode != "dbb"
+        m = config.model
+        self.model = models.create_model(m.name, num_classes=self.num_classes, width=m.width,
+                                         dtype=self.dtype,
+                                         with_bn_after_3x3=self.with_bn_after_3x3,
+                                         bn_group_size=m.bn_group_size)
+        self.deploy_model = models.create_model(m.name, num_classes=self.num_classes,
+                                                width=m.width, dtype=self.dtype, deploy=True)
+        self.mean = jnp.asarray(self.inp.mean, jnp.float32)
+        self.std = jnp.asarray(self.inp.std, jnp.float32)
+        self.image_shape = tuple(self.inp.image_shape)
+        self.steps = StepCache()
+        self.base_key = jax.random.PRNGKey(config.seed)
+        self.is_main = jax.process_index() == 0
+
+    def checkpoint_manager(self):
+        c = self.config.checkpoint
+        return ckpt.make_manager(os.path.join(self.workdir, "checkpoints"), keep=c.keep,
+                                 async_save=c.async_save)
+
+    def evaluate(self, model, variables, name: str) -> tuple[float, float]:
+        """(mean loss, top-1) on the test split; padding rows are masked out."""
+        fn = make_eval_step(model, num_classes=self.num_classes, mean=self.mean, std=self.std,
+                            dtype=self.dtype)
+        totals, compiled = None, None
+        for batch in self.inp.eval_iter():
+            args = (variables, *self.place.shard_batch(
+                (batch["image"], batch["label"], batch["mask"])))
+            if compiled is None:
+                r, b = self.place.replicated, self.place.batch
+                compiled = self.steps.get(name, fn, args, in_shardings=(r, b, b, b),
+                                          out_shardings=r)
+            out = compiled(*args)
+            totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
+        totals = to_host(totals)
+        count = max(float(totals["count"]), 1.0)
+        return float(totals["loss"]) / count, float(totals["correct"]) / count
+
+    def arch(self, **extra) -> dict:
+        """This experiment's `arch.json` record (`checkpoint.arch_record`)."""
+        m = self.config.model
+        return ckpt.arch_record(model=m.name, num_classes=self.num_classes, width=m.width,
+                                dtype=m.dtype, image_shape=self.image_shape,
+                                with_bn_after_3x3=self.with_bn_after_3x3, mean=self.mean,
+                                std=self.std, name=self.config.name, **extra)
+
+    def export_fused(self, variables, **extra) -> dict:
+        """Fuse host `variables`, evaluate the deploy network, write DIR/fused/."""
+        fused = to_host(models.fuse_network(variables))
+        _, fused_top1 = self.evaluate(self.deploy_model, self.place.replicate(fused),
+                                      "eval_fused")
+        params = models.count_params(fused)
+        macs = models.count_macs(self.deploy_model, fused, self.image_shape)
+        out = os.path.join(self.workdir, "fused")
+        arch = self.arch(params=params, macs=macs, test_top1=fused_top1, **extra)
+        ckpt.save_fused(out, fused, arch, write_arch_file=self.is_main)  # all hosts join orbax
+        log.info("deploy network (params %s, MACs %s, test top1 %.4f) written to %s",
+                 human(params), human(macs), fused_top1, out)
+        return {"fused_dir": out, "fused_test_top1": fused_top1, "fused_params": params,
+                "fused_macs": macs}
