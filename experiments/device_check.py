@@ -173,7 +173,7 @@ def split_output(item: Item, part: str, stdout: str) -> tuple[list[dict], list[s
 def status_record(item: Item, part: str, result, timeout_s: float, other: list[str]) -> dict:
     rc, timed_out, wall, _, stderr = result
     commands = [line[2:] for line in other if line.startswith("$ ")]  # reproduce_cifar's
-    tail = [line for line in stderr.splitlines() if line.strip()][-1:] if rc else []
+    tail = [line for line in stderr.splitlines() if line.strip()][-1:] if rc != 0 else []
     return {"kind": "item", "item": item.name, "part": part,
             "cmd": " ".join(["python3", *item.argv]), "inner_cmd": commands, "rc": rc,
             "timed_out": timed_out, "timeout_s": round(timeout_s), "wall_s": round(wall, 1),
