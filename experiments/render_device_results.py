@@ -2,7 +2,8 @@
 
 Fills the block between the device-results markers of `experiments/results/perf-h200.md`
 (targets with their measured cells, then every measurement) and, when part 3 ran, writes
-`experiments/results/cifar10_reduced_gpu.md` and copies its structure plots beside it.
+`experiments/results/cifar10_reduced_gpu.md`, linking the structure plots found beside
+the lines.
 
   python experiments/render_device_results.py experiments/results/h200
 
@@ -14,7 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -295,7 +297,8 @@ def structure_lines(rows: list[dict]) -> list[str]:
 def cifar_page(res: Results, plots: list[str]) -> str:
     names = [f"cifar_{m}" for m in CIFAR_MODES if f"cifar_{m}" in res.status]
     rows = [r for n in names for r in res.of(n) if "test_top1" in r]
-    commands = [c for n in names for c in res.status[n].get("inner_cmd", [])]
+    commands = [re.sub(r"^\S*python\S*", "python", c)  # not this machine's interpreter path
+                for n in names for c in res.status[n].get("inner_cmd", [])]
     lines = [
         "# CIFAR-10 ablation at reduced scale (gpu)", "",
         "Written by `experiments/render_device_results.py` from the JSON lines of "
@@ -317,17 +320,15 @@ def cifar_page(res: Results, plots: list[str]) -> str:
     return "\n".join(lines)
 
 
-def copy_plots(res: Results, dest: Path) -> list[str]:
-    """The rep/dyrep structure plots that part 3 left beside its lines, copied to dest."""
-    copied = []
+def plot_links(res: Results, page: Path) -> list[str]:
+    """The rep/dyrep structure plots that part 3 left beside its lines, relative to page."""
+    links = []
     for mode in ("rep", "dyrep"):
-        name = f"cifar10_reduced_gpu_{mode}.png"
-        found = [d / name for d in res.dirs if (d / name).exists()]
+        found = [d / f"cifar10_reduced_gpu_{mode}.png" for d in res.dirs]
+        found = [f for f in found if f.exists()]
         if found and f"cifar_{mode}" in res.status:
-            if found[-1].resolve() != (dest / name).resolve():
-                shutil.copyfile(found[-1], dest / name)
-            copied.append(name)
-    return copied
+            links.append(os.path.relpath(found[-1], page.parent))
+    return links
 
 
 def main(argv=None) -> None:
@@ -341,8 +342,7 @@ def main(argv=None) -> None:
     fill_perf_page(args.perf, res)
     print(f"wrote {args.perf}")
     if any(n.startswith("cifar_") for n in res.status):
-        plots = copy_plots(res, args.cifar.parent)
-        args.cifar.write_text(cifar_page(res, plots))
+        args.cifar.write_text(cifar_page(res, plot_links(res, args.cifar)))
         print(f"wrote {args.cifar}")
     else:
         print("no part 3 lines: the CIFAR page is left as it is")
