@@ -72,13 +72,16 @@ def part_items(part: str, args) -> list[Item]:
     if part == "1":
         anchor = ("vgg16_cifar:plain:f32:2" if args.tiny
                   else "vgg16_cifar:plain:bf16:128,resnet18:plain:bf16:256")
-        steps = ("--steps", "2", "--warmup", "1") if args.tiny else ("--steps", "40", "--warmup", "10")
+        steps = ("--steps", "2", "--warmup", "1") if args.tiny else ("--steps", "40",
+                                                                     "--warmup", "10")
         return [
             Item("vgg", bench(*t, "--models", "vgg16_cifar"), 230),
             Item("anchor", (args.anchor, "--configs", anchor, *steps), 130),
-            Item("input", ("experiments/bench_input.py", *t, "--batch", "128", "--steps", "400"), 30),
-            *[Item(f"ab_{b}", bench(*t, "--models", "vgg16_cifar", "--modes", "dbb", "--blocks", b,
-                                    "--no-extras"), 70) for b in ("unshared", "branchwise")],
+            Item("input", ("experiments/bench_input.py", *t, "--batch", "128",
+                           "--steps", "400"), 30),
+            *[Item(f"ab_{b}", bench(*t, "--models", "vgg16_cifar", "--modes", "dbb",
+                                    "--blocks", b, "--no-extras"), 70)
+              for b in ("unshared", "branchwise")],
         ]
     if part == "2":
         modes = ("--modes", "plain") if args.tiny else ()  # tiny: ResNet-18 plain + extras only
@@ -108,16 +111,21 @@ def child_env(tiny: bool) -> dict:
     return env
 
 
+RUNNING: list[subprocess.Popen] = []  # the item in flight, for the SIGTERM handler
+
+
 def run_item(item: Item, timeout_s: float, env: dict, scratch: Path):
     """(rc, timed_out, wall seconds, stdout text, stderr text) of one item.
 
-    The item runs in its own process group, so a timeout ends it and its children.
+    The item runs in its own process group (not its own session: the device ends a
+    command's leftover processes only within its session), so a timeout ends it and its
+    children.
     """
     out_path, err_path = scratch / f"{item.name}.out", scratch / f"{item.name}.err"
     start = time.perf_counter()
     with open(out_path, "w") as out, open(err_path, "w") as err:
         proc = subprocess.Popen([sys.executable, *item.argv], cwd=ROOT, env=env, stdout=out,
-                                stderr=err, process_group=0)
+                                stderr=err, preexec_fn=os.setpgrp)
         RUNNING.append(proc)
         timed_out = False
         try:
@@ -128,9 +136,6 @@ def run_item(item: Item, timeout_s: float, env: dict, scratch: Path):
             RUNNING.remove(proc)
     wall = time.perf_counter() - start
     return rc, timed_out, wall, out_path.read_text(), err_path.read_text()
-
-
-RUNNING: list[subprocess.Popen] = []  # the item in flight, for the SIGTERM handler
 
 
 def stop_group(proc: subprocess.Popen) -> int:
@@ -187,7 +192,8 @@ def env_record(part: str, args) -> dict:
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=10)
         except (OSError, subprocess.TimeoutExpired):
             return None
-        return proc.stdout.strip().splitlines()[0] if proc.returncode == 0 and proc.stdout.strip() else None
+        text = proc.stdout.strip() if proc.returncode == 0 else ""
+        return text.splitlines()[0] if text else None
 
     return {"kind": "env", "part": part, "tiny": args.tiny,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -249,9 +249,11 @@ def perf_block(res: Results) -> str:
     lines += table(["target", "from", "VGG-16 CIFAR (b128, 32 px) measured",
                     "ResNet-18 (b256, 224 px) measured"], target_rows(res))
     if ran:
-        jax_versions = sorted({r.get("jax") for i in ran for r in res.records[i] if r.get("jax")})
-        lines += ["", f"jax {', '.join(jax_versions) or 'n/a'}. Devices: "
-                  f"{', '.join(sorted({r['device'] for i in ran for r in res.records[i] if r.get('device')})) or 'n/a'}."]
+        def values(field):
+            found = {str(r[field]) for i in ran for r in res.records[i] if r.get(field)}
+            return ", ".join(sorted(found)) or "n/a"
+
+        lines += ["", f"jax {values('jax')}. Devices: {values('device')}."]
         lines += measurement_tables(res)
         lines += ["", "#### Items (what ran, how long)", "",
                   *table(["part", "item", "rc", "timed out", "wall s", "timeout s", "error"],
