@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -304,8 +305,11 @@ def main(argv=None) -> Path:
         args.npz = str(scratch / "tiny_cifar.npz") if args.tiny else NPZ
         if args.tiny:
             write_tiny_npz(Path(args.npz))
-    for part in PARTS if args.part == "all" else (args.part,):
-        run_part(part, args, out, scratch)
+    try:
+        for part in PARTS if args.part == "all" else (args.part,):
+            run_part(part, args, out, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)  # item outputs, CIFAR workdirs, tiny data
     print(f"wrote {out}", flush=True)
     return out
 
