@@ -22,6 +22,7 @@ The driver never imports jax, so it holds no accelerator memory of its own.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -219,9 +220,8 @@ def run_part(part: str, args, out: Path, scratch: Path) -> list[dict]:
         later = scale * sum(i.timeout_s for i in items[n + 1:])
         timeout_s = deadline - time.monotonic() - later
         missing = missing_input(item, args)
-        if missing:
-            result, other = (None, False, 0.0, "", missing), []
-            new = []
+        if missing:  # recorded as an item that could not start (rc None)
+            result, new, other = (None, False, 0.0, "", missing), [], []
         else:
             result = run_item(item, timeout_s, child_env(args.tiny), scratch)
             new, other = split_output(item, part, result[3])
@@ -241,6 +241,9 @@ def missing_input(item: Item, args) -> str | None:
     if item.name.startswith("cifar_") and not (ROOT / args.npz).exists():
         return (f"{args.npz} not found: copy the 16k CIFAR-10 subset there and carry it "
                 "(perf-h200.md)")
+    if item.name.startswith("cifar_") and importlib.util.find_spec("ml_collections") is None:
+        return ("ml_collections is not importable (python -m dyrep_jax.main needs it): "
+                "install the carried .whl first, as call 3 of perf-h200.md does")
     return None
 
 
@@ -298,9 +301,9 @@ def main(argv=None) -> Path:
     signal.signal(signal.SIGTERM, on_sigterm)
     scratch = Path(tempfile.mkdtemp(prefix="device_check_"))
     args.scratch = str(scratch)
-    args.out = args.out or tempfile.mkdtemp(prefix="device_check_out_")
-    out = Path(args.out)
+    out = Path(args.out or tempfile.mkdtemp(prefix="device_check_out_")).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    args.out = str(out)  # absolute: reproduce_cifar resolves relative paths from the root
     if args.npz is None:
         args.npz = str(scratch / "tiny_cifar.npz") if args.tiny else NPZ
         if args.tiny:

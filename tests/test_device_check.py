@@ -162,3 +162,12 @@ def test_bad_arguments_say_what_to_do(argv, message, capsys):
     with pytest.raises(SystemExit):
         device_check.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_missing_carried_inputs_are_named(tmp_path, monkeypatch):
+    args = device_check.parse_args(["--part", "3", "--npz", str(tmp_path / "none.npz")])
+    item = device_check.Item("cifar_plain", (), 1)
+    assert "none.npz not found" in device_check.missing_input(item, args)
+    args.npz = __file__  # exists
+    monkeypatch.setattr(device_check.importlib.util, "find_spec", lambda name: None)
+    assert "install the carried .whl" in device_check.missing_input(item, args)
