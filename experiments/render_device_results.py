@@ -109,57 +109,63 @@ def table(header: list[str], rows: list[list]) -> list[str]:
 # ---------------------------------------------------------------------------- perf page
 
 
+def ran(res: Results, model: str, *items: str) -> bool:
+    return all(i in res.status for i in (MAIN_ITEM[model], *items))
+
+
+def vs_anchor(res: Results, model: str) -> str:
+    if not ran(res, model, "anchor"):
+        return ""
+    ours = res.pick(MAIN_ITEM[model], "img_per_s", kind="train", mode="plain")
+    bare = res.pick("anchor", "img_per_s", model=model, variant="plain")
+    return quotient(ours, bare, "img/s", low=0.95)
+
+
+def dbb_vs_plain(res: Results, model: str, field: str, low=None, high=None, unit="img/s"):
+    if not ran(res, model):
+        return ""
+    item = MAIN_ITEM[model]
+    return quotient(res.pick(item, field, kind="train", mode="dbb"),
+                    res.pick(item, field, kind="train", mode="plain"), unit, low, high)
+
+
+def fused_vs_plain(res: Results, model: str) -> str:
+    if not ran(res, model):
+        return ""
+    item = MAIN_ITEM[model]
+    return quotient(res.pick(item, "img_per_s", kind="infer", mode="fused"),
+                    res.pick(item, "img_per_s", kind="infer", mode="plain"), "img/s", 0.95)
+
+
+def single(res: Results, item: str, value, unit: str, high) -> str:
+    if item not in res.status:
+        return ""
+    return "n/a" if value is None else f"{value}{unit} ({verdict(value, high=high)})"
+
+
 def target_rows(res: Results) -> list[list[str]]:
     """The targets table: one row per target, a measured cell per model ('—' where the
     target does not apply, empty where its item has not run)."""
-    def ran(model, *items):
-        return all(i in res.status for i in (MAIN_ITEM[model], *items))
-
-    def vs_anchor(model):
-        if not ran(model, "anchor"):
-            return ""
-        ours = res.pick(MAIN_ITEM[model], "img_per_s", kind="train", mode="plain")
-        bare = res.pick("anchor", "img_per_s", model=model, variant="plain")
-        return quotient(ours, bare, "img/s", low=0.95)
-
-    def train_ratio(model, field, low=None, high=None, unit="img/s"):
-        if not ran(model):
-            return ""
-        item = MAIN_ITEM[model]
-        return quotient(res.pick(item, field, kind="train", mode="dbb"),
-                        res.pick(item, field, kind="train", mode="plain"), unit, low, high)
-
-    def fused(model):
-        if not ran(model):
-            return ""
-        item = MAIN_ITEM[model]
-        return quotient(res.pick(item, "img_per_s", kind="infer", mode="fused"),
-                        res.pick(item, "img_per_s", kind="infer", mode="plain"), "img/s", 0.95)
-
-    def single(item, value, unit, high):
-        if item not in res.status:
-            return ""
-        return "n/a" if value is None else f"{value}{unit} ({verdict(value, high=high)})"
-
     vgg, rn = "vgg16_cifar", "resnet18"
     regrow = res.pick("vgg", "compile_s", kind="regrow")
     frac = res.pick("vgg", "recipe_compile_frac_est", kind="ratios")
     host = res.pick("input", "host_images_per_s")
     plain = res.pick("vgg", "img_per_s", kind="train", mode="plain")
-    feed = quotient(host, plain, "img/s", low=1.5) if ran(vgg, "input") else ""
+    feed = quotient(host, plain, "img/s", low=1.5) if ran(res, vgg, "input") else ""
     return [
         ["plain ≥ 0.95× bare Flax", "`train/plain img_per_s` ÷ anchor `plain img_per_s`",
-         vs_anchor(vgg), vs_anchor(rn)],
+         vs_anchor(res, vgg), vs_anchor(res, rn)],
         ["dbb ≥ 0.40× our plain (VGG), ≥ 0.45× (ResNet)", "train `dbb img_per_s` ÷ `plain`",
-         train_ratio(vgg, "img_per_s", low=0.40), train_ratio(rn, "img_per_s", low=0.45)],
+         dbb_vs_plain(res, vgg, "img_per_s", low=0.40),
+         dbb_vs_plain(res, rn, "img_per_s", low=0.45)],
         ["dbb peak memory ≤ 1.5× plain (ResNet-18)", "train `dbb peak_mem_gib` ÷ `plain`", "—",
-         train_ratio(rn, "peak_mem_gib", high=1.5, unit="GiB")],
+         dbb_vs_plain(res, rn, "peak_mem_gib", high=1.5, unit="GiB")],
         ["re-jit after a grow ≤ 10 s (VGG)", "`regrow compile_s`",
-         single("vgg", regrow, " s", 10), "—"],
+         single(res, "vgg", regrow, " s", 10), "—"],
         ["total compile ≤ 5% of the CIFAR recipe's wall time",
-         "`ratios recipe_compile_frac_est`", single("vgg", frac, "", 0.05), "—"],
+         "`ratios recipe_compile_frac_est`", single(res, "vgg", frac, "", 0.05), "—"],
         ["fused inference within 5% of plain", "infer `fused img_per_s` ÷ `plain` ≥ 0.95",
-         fused(vgg), fused(rn)],
+         fused_vs_plain(res, vgg), fused_vs_plain(res, rn)],
         ["CIFAR host input ≥ 1.5× plain step images/s",
          "`input host_images_per_s` ÷ `train/plain img_per_s`", feed, "—"],
     ]
