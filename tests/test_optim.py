@@ -129,8 +129,9 @@ def params_and_grads():
     keys = jax.random.split(jax.random.PRNGKey(1), 3 * n)
 
     def random_like(part):  # BN scale 1 and biases 0 would hide the decay: draw every leaf
+        part_keys = keys[part * n:(part + 1) * n]
         return jax.tree_util.tree_unflatten(
-            treedef, [jax.random.normal(k, p.shape) for k, p in zip(keys[part * n:(part + 1) * n], leaves, strict=True)])
+            treedef, [jax.random.normal(k, p.shape) for k, p in zip(part_keys, leaves, strict=True)])
 
     params, grads = random_like(0), [random_like(1), random_like(2)]
     return params, grads
