@@ -16,15 +16,14 @@ import optax
 
 def cosine_schedule(base_lr: float, total_steps: int, warmup_steps: int = 0,
                     min_lr: float = 0.0, *, warmup_lr: float = 0.0, warmup_step_size: int = 1):
-    """The reference's lr per optimizer step k: linear warmup, then per-step cosine.
+    """The reference's lr for optimizer step k (0-based): linear warmup, then per-step cosine.
 
-    The reference (a gradual-warmup scheduler around torch's CosineAnnealingLR) gives, with
-    W = warmup_steps, T = total_steps and s = warmup_step_size (s = steps per epoch steps the
-    warmup once per epoch):
-      W = 0:          min_lr + (base_lr - min_lr) * (1 + cos(pi * k / T)) / 2
-      k <= W:         warmup_lr + (base_lr - warmup_lr) * floor(k / s) * s / W
-      k >= W + 1:     min_lr + (base_lr - min_lr) * (1 + cos(pi * (k - W - 1) / (T - W))) / 2
-    so base_lr is held for two steps (k = W and W + 1) when there is a warmup.
+    The reference wraps torch's CosineAnnealingLR (T_max = T - W) in a gradual-warmup
+    scheduler. With W = warmup_steps, T = total_steps, s = warmup_step_size (steps per epoch
+    steps the warmup once per epoch) and C(t) = min_lr + (base_lr - min_lr)(1 + cos(pi t)) / 2:
+      W = 0:       C(max(k, 1) / T)   (its first step already uses step 1's lr)
+      k <= W:      warmup_lr + (base_lr - warmup_lr) * floor(k / s) * s / W
+      k >= W + 1:  C((k - W - 1) / (T - W))   (base_lr is held for steps W and W + 1)
     """
     total_steps, warmup_steps = max(int(total_steps), 1), int(warmup_steps)
     if not 0 <= warmup_steps < total_steps:
@@ -32,7 +31,8 @@ def cosine_schedule(base_lr: float, total_steps: int, warmup_steps: int = 0,
                          f"({total_steps} steps): lower optim.warmup_epochs")
     alpha = min_lr / base_lr if base_lr else 0.0
     if warmup_steps == 0:
-        return optax.cosine_decay_schedule(base_lr, total_steps, alpha=alpha)
+        cosine = optax.cosine_decay_schedule(base_lr, total_steps, alpha=alpha)
+        return lambda step: cosine(jnp.maximum(step, 1))
     step_size = max(int(warmup_step_size), 1)
 
     def warmup(step):  # written as warmup_lr + ..., so a tiny warmup_lr stays exact in float32

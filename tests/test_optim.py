@@ -1,8 +1,11 @@
 """The lr schedule against the reference's formula, and SGD weight decay against a hand step.
 
-The reference formula is written out here in plain float64 Python: the reference wraps
+The reference formula is written out here in plain float64 Python. The reference wraps
 torch's CosineAnnealingLR (T_max = total - warmup) in a gradual-warmup scheduler that steps
-the warmup once per `step_size` steps and holds the peak for one extra step.
+the warmup once per `step_size` steps and holds the peak for one extra step; without warmup,
+the wrapper's own first step() makes step 0 use step 1's lr. (These are its values under the
+torch 1.x it was run with; under torch >= 2.x its step W + 1 reads base * 2/(1 + cos(pi/T_max)),
+from a change in CosineAnnealingLR's recursive form, which we do not copy.)
 """
 
 import math
@@ -20,7 +23,7 @@ from dyrep_jax.optim import cosine_schedule, make_optimizer, make_schedule
 def reference_lr(k, *, base, total, warmup, warmup_lr, min_lr, step_size):
     """lr of optimizer step k (0-based) in the reference training script."""
     if warmup == 0:
-        t = k / total
+        t = max(k, 1) / total
     elif k <= warmup:
         return warmup_lr + (base - warmup_lr) * (k // step_size * step_size) / warmup
     else:
