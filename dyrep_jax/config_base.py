@@ -43,9 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.nesterov = False
     c.optim.weight_decay = 1e-4
     c.optim.decay_bn_and_bias = True  # False: decay only conv/dense kernels
-    c.optim.warmup_epochs = 0.0
-    c.optim.warmup_lr = 0.0  # learning rate at the start of the linear warmup
-    c.optim.warmup_by_epoch = False  # True: the warmup lr changes once per epoch, not per step
+    c.optim.warmup_epochs = 0.0  # linear warmup length; the cosine then runs over the rest
+    c.optim.warmup_lr = 0.0  # lr of the first warmup step (the warmup rises from it to optim.lr)
+    c.optim.warmup_by_epoch = False  # True: warmup lr steps once per epoch, as the reference
     c.optim.min_lr = 0.0  # cosine floor
     c.optim.label_smoothing = 0.0
     c.optim.grad_clip_norm = 0.0  # 0 = off

@@ -80,6 +80,11 @@ def check_overrides(argv) -> None:
 
 
 def entry():
+    """The `dyrep-jax` console script: `python -m dyrep_jax.main`, with the same --help."""
+    if sys.modules["__main__"] is not sys.modules[__name__]:
+        sys.modules["__main__"].__doc__ = __doc__  # absl's --help prints __main__'s docstring
+        for flag in FLAGS.get_key_flags_for_module(__name__):  # ...and the flags keyed to argv[0]
+            FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     check_overrides(sys.argv[1:])
     app.run(main)
 

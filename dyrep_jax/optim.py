@@ -15,22 +15,42 @@ import optax
 
 
 def cosine_schedule(base_lr: float, total_steps: int, warmup_steps: int = 0,
-                    min_lr: float = 0.0):
-    """Per-step cosine from base_lr to min_lr after a linear warmup (from 0)."""
-    total_steps = max(int(total_steps), 1)
-    warmup_steps = int(warmup_steps)
+                    min_lr: float = 0.0, *, warmup_lr: float = 0.0, warmup_step_size: int = 1):
+    """The reference's lr for optimizer step k (0-based): linear warmup, then per-step cosine.
 
-    def schedule(step):
-        step = jnp.asarray(step, jnp.float32)
-        decay_steps = max(total_steps - warmup_steps, 1)
-        progress = jnp.clip((step - warmup_steps) / decay_steps, 0.0, 1.0)
-        cosine = min_lr + 0.5 * (base_lr - min_lr) * (1.0 + jnp.cos(jnp.pi * progress))
-        if warmup_steps > 0:
-            warm = base_lr * (step + 1) / warmup_steps
-            return jnp.where(step < warmup_steps, warm, cosine)
-        return cosine
+    The reference wraps torch's CosineAnnealingLR (T_max = T - W) in a gradual-warmup
+    scheduler. With W = warmup_steps, T = total_steps, s = warmup_step_size (steps per epoch
+    steps the warmup once per epoch) and C(t) = min_lr + (base_lr - min_lr)(1 + cos(pi t)) / 2:
+      W = 0:       C(max(k, 1) / T)   (its first step already uses step 1's lr)
+      k <= W:      warmup_lr + (base_lr - warmup_lr) * floor(k / s) * s / W
+      k >= W + 1:  C((k - W - 1) / (T - W))   (base_lr is held for steps W and W + 1)
+    """
+    total_steps, warmup_steps = max(int(total_steps), 1), int(warmup_steps)
+    if not 0 <= warmup_steps < total_steps:
+        raise ValueError(f"warmup of {warmup_steps} steps must be shorter than the run "
+                         f"({total_steps} steps): lower optim.warmup_epochs")
+    alpha = min_lr / base_lr if base_lr else 0.0
+    if warmup_steps == 0:
+        cosine = optax.cosine_decay_schedule(base_lr, total_steps, alpha=alpha)
+        return lambda step: cosine(jnp.maximum(step, 1))
+    step_size = max(int(warmup_step_size), 1)
 
-    return schedule
+    def warmup(step):  # written as warmup_lr + ..., so a tiny warmup_lr stays exact in float32
+        done = jnp.floor_divide(step, step_size) * step_size / warmup_steps
+        return warmup_lr + (base_lr - warmup_lr) * done
+
+    cosine = optax.cosine_decay_schedule(base_lr, total_steps - warmup_steps, alpha=alpha)
+    return optax.join_schedules([warmup, cosine], [warmup_steps + 1])
+
+
+def make_schedule(optim_config, steps_per_epoch: int, num_epochs: int):
+    """The run's lr schedule from the `optim` config group (see config_base.py)."""
+    o = optim_config
+    spe = int(steps_per_epoch)
+    return cosine_schedule(
+        o.lr, spe * int(num_epochs), round(o.warmup_epochs * spe), o.min_lr,
+        warmup_lr=o.get("warmup_lr", 0.0),
+        warmup_step_size=spe if o.get("warmup_by_epoch", False) else 1)
 
 
 def decay_mask(decay_bn_and_bias: bool):

@@ -23,7 +23,7 @@ from dyrep_jax import checkpoint as ckpt
 from dyrep_jax import models
 from dyrep_jax.dyrep import Controller, ControllerConfig
 from dyrep_jax.experiment import Experiment, Placement, to_host, validate_config
-from dyrep_jax.optim import cosine_schedule, make_optimizer, remap_opt_state
+from dyrep_jax.optim import make_optimizer, make_schedule, remap_opt_state
 from dyrep_jax.rep.tree import dotted, structure_of
 from dyrep_jax.reporting import (
     JsonlLog,
@@ -71,8 +71,7 @@ class Trainer:
         self.config, self.workdir, self.place = config, exp.workdir, exp.place
         o, spe = config.optim, exp.inp.steps_per_epoch
         self.total_steps = spe * config.num_epochs
-        self.schedule = cosine_schedule(o.lr, self.total_steps, round(o.warmup_epochs * spe),
-                                        o.min_lr)
+        self.schedule = make_schedule(o, spe, config.num_epochs)
         self.tx = make_optimizer(name=o.name, schedule=self.schedule, momentum=o.momentum,
                                  nesterov=o.nesterov, weight_decay=o.weight_decay,
                                  decay_bn_and_bias=o.decay_bn_and_bias,

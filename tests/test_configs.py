@@ -94,3 +94,27 @@ def test_paper_config_matches_the_reference_recipe(name):
              if field(config, key) != want  # (a bool must stay a bool: True == 1 in Python)
              or isinstance(field(config, key), bool) != isinstance(want, bool)}
     assert not wrong, f"{name}: (config, reference) differ: {wrong}"
+def test_config_file_anywhere_on_disk_loads_as_main_loads_it(tmp_path):
+    """`--config PATH` works for a file outside the repo (it imports dyrep_jax, not configs/)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    path = tmp_path / "elsewhere" / "my_run.py"
+    path.parent.mkdir()
+    path.write_text(
+        "from dyrep_jax.config_base import base_config\n\n\n"
+        "def get_config():\n"
+        "    c = base_config()\n"
+        "    c.num_epochs = 7\n"
+        "    return c\n")
+    original = os.path.join(ROOT, "configs", "imagenet_repvgg_b2g4.py")
+    shipped = tmp_path / "b2g4_copy.py"
+    shipped.write_text(open(original).read())
+    for file, epochs in ((path, 7), (shipped, load(original).num_epochs)):
+        argv = ["prog", f"--config={file}", "--config.seed=3"]
+        fv = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv,
+                                        lock_config=True, sys_argv=argv)
+        fv(argv)
+        validate_config(fv.config)
+        assert (fv.config.num_epochs, fv.config.seed) == (epochs, 3)
