@@ -37,12 +37,13 @@ from dyrep_jax.rep import (
     dep_decision,
     fuse_slot,
     grow_slot,
+    is_block,
     regrow_matching,
 )
 from dyrep_jax.rep.apply import apply_slot as apply_fast
 from dyrep_jax.rep.apply import apply_slot_branchwise as apply_slot
 from dyrep_jax.rep.apply import inner_slot_input
-from dyrep_jax.rep.bn import EPS, bn_affine
+from dyrep_jax.rep.bn import EPS, batch_norm, bn_affine
 from dyrep_jax.rep.geometry import branch_refusal
 from dyrep_jax.rep.network import cut_at, grow_at, slot_depth
 from dyrep_jax.rep.share import concat_channels, split_channels
@@ -223,6 +224,8 @@ def test_cut_to_kxk_only_reverts_to_plain_slot_with_bias():
     plain, plain_stats = cut_branches(params, stats, rest)
     assert set(plain) == {"kernel", "bias"} and plain_stats == {}
     assert max_abs(y, apply_slot(plain, {}, x, geom, train=False)[0]) <= tol(y)
+    regrown, regrown_stats = grow_slot(KEY, plain, geom, ["1x1"])  # eligible to grow again
+    assert max_abs(y, apply_slot(regrown, regrown_stats, x, geom, train=False)[0]) <= tol(y)
 
 
 def test_cut_with_zero_kxk_gamma_stays_exact():
@@ -530,3 +533,94 @@ def test_inner_slot_input_is_what_the_nested_slot_sees():
     assert max_abs(deep, z) == 0.0  # a kxk passes its input through
     with pytest.raises(RepError, match="holds no nestable conv"):
         inner_slot_input(slot_p, slot_s, x, geom, ["1x1"])
+
+
+# ----------------------------------------------------------------------------- state after a cut
+
+
+def test_cut_leaves_identity_kxk_bn_and_raw_gamma_importances():
+    geom = ConvGeometry(4, 4, 3, 1, None, 1)
+    params, stats = random_block(geom, allowed_branches(geom), seed=21)
+    x = inputs(geom)
+    y, _ = apply_slot(params, stats, x, geom, train=False)
+    new_p, new_s = cut_branches(params, stats, ["1x1", "1xk"])
+    assert set(new_p) == {"1x1_kxk", "1x1_avg", "kxk", "kx1", "id"}
+    assert_identity_bn(new_p["kxk"]["bn"], new_s["kxk"]["bn"])
+    assert set(new_p["kxk"]["conv"]) == {"kernel", "bias"}
+    for name in ("1x1_kxk", "1x1_avg", "kx1", "id"):  # the kept branches are untouched
+        assert jax.tree_util.tree_all(jax.tree_util.tree_map(jnp.array_equal, new_p[name],
+                                                             params[name]))
+    importance = branch_importance(new_p)  # now ratios to 1: the raw last-BN gamma means
+    for name, bn in (("1x1_kxk", "bn2"), ("1x1_avg", "avgbn"), ("kx1", "bn"), ("id", "bn")):
+        raw = float(np.mean(np.abs(np.asarray(params[name][bn]["scale"], np.float64))))
+        assert importance[name] == raw
+    assert max_abs(y, apply_slot(new_p, new_s, x, geom, train=False)[0]) <= tol(y)
+
+
+def test_bn_inference_uses_eps_on_dead_and_near_zero_channels():
+    params = {"scale": jnp.array([1.0, 0.7, 1.3]), "bias": jnp.array([0.1, -0.2, 0.3])}
+    stats = {"mean": jnp.array([0.5, -0.1, 0.2]), "var": jnp.array([0.0, 1e-7, 1.0])}
+    x = jax.random.normal(KEY, (2, 3, 3, 3))
+    y, _, _ = batch_norm(params, stats, x, False)
+    p = {k: np.asarray(v, np.float64) for k, v in {**params, **stats}.items()}
+    expect = (np.asarray(x, np.float64) - p["mean"]) / np.sqrt(p["var"] + 1e-5) * p["scale"] \
+        + p["bias"]
+    np.testing.assert_allclose(np.asarray(y), expect, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- float64
+# Grow, cut and fusion claim exactness; in float64 their error is ~1e-13, so a slip of
+# 1 - 1/sqrt(1 + eps) ~ 5e-6 (a BN reset to var 1 and read as std 1) fails 1e-10.
+X64_TOL = 1e-10
+
+
+@pytest.fixture
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def to64(tree):
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), tree)
+
+
+def assert_exact64(y, y_ref):
+    assert y.dtype == jnp.float64 and y_ref.dtype == jnp.float64
+    err = float(jnp.max(jnp.abs(y - y_ref)))
+    assert err <= X64_TOL * (1.0 + float(jnp.max(jnp.abs(y_ref)))), err
+
+
+@pytest.mark.parametrize("geom", [ConvGeometry(4, 4, 3, 1, None, 1),
+                                  ConvGeometry(4, 8, 5, 2, None, 2)])
+def test_grow_fuse_and_cut_are_exact_in_float64(x64, geom):
+    old = to64(plain_slot(KEY, geom))
+    x = inputs(geom, dtype=jnp.float64)
+    y_old, _ = apply_slot(old, {}, x, geom, train=False)
+    block, stats = grow_slot(KEY, old, geom, allowed_branches(geom))
+    block = to64(randomize_bn_params(jax.random.PRNGKey(1), block))
+    stats = to64(randomize_stats(jax.random.PRNGKey(2), stats, tiny_var=True))
+    block, stats = regrow_matching(block, to64(stats), old)  # grow's rebalance, calibrated
+    y, _ = apply_slot(block, to64(stats), x, geom, train=False)
+    assert_exact64(y, y_old)
+    fused = fuse_slot(block, to64(stats))
+    assert_exact64(apply_slot(fused, {}, x, geom, train=False)[0], y_old)
+    cut_p, cut_s = cut_branches(block, to64(stats), ["1x1", "1x1_avg"])
+    assert_exact64(apply_slot(cut_p, cut_s, x, geom, train=False)[0], y_old)
+    rest = [b for b in cut_p if b != "kxk"]
+    plain, _ = cut_branches(cut_p, cut_s, rest)
+    assert set(plain) == {"kernel", "bias"}
+    assert_exact64(apply_slot(plain, {}, x, geom, train=False)[0], y_old)
+
+
+def test_nested_cut_and_fuse_are_exact_in_float64(x64):
+    geom = ConvGeometry(4, 4, 3, 1, None, 2)
+    params, stats = to64(nested_network(geom))
+    slot_p, slot_s = params["layer"]["conv"], stats["layer"]["conv"]
+    x = inputs(geom, dtype=jnp.float64)
+    y, _ = apply_slot(slot_p, slot_s, x, geom, train=False)
+    assert_exact64(apply_slot(fuse_slot(slot_p, slot_s), {}, x, geom, train=False)[0], y)
+    cut_p, cut_s = cut_branches(slot_p, slot_s, ["1x1", "id", "1xk"])
+    assert is_block(cut_p["kxk"]["conv"])
+    assert_exact64(apply_slot(cut_p, cut_s, x, geom, train=False)[0], y)
+    plain, _ = cut_branches(cut_p, cut_s, [b for b in cut_p if b != "kxk"])
+    assert_exact64(apply_slot(plain, {}, x, geom, train=False)[0], y)

@@ -34,8 +34,9 @@ def pad_with_values(y, pad: int, values):
 
 def avg_pool(x, k: int, stride: int, pad: int):
     """k x k average pool counting zero padding (PyTorch's count_include_pad=True)."""
+    acc = jnp.promote_types(x.dtype, jnp.float32)  # float64 stays float64
     summed = jax.lax.reduce_window(
-        x.astype(jnp.float32),
+        x.astype(acc),
         0.0,
         jax.lax.add,
         (1, k, k, 1),
