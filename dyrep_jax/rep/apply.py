@@ -65,18 +65,9 @@ def run_slot(params, stats, x, geom: ConvGeometry, opts: ForwardOptions):
     return run_block(params, stats, x, geom, opts)
 
 
-def apply_block(params, stats, x, geom: ConvGeometry, train: bool, momentum: float = MOMENTUM,
-                eps: float = EPS, *, share_1x1: bool = True, fuse_inference: bool = True):
-    """A block's output (params must be a block); see `apply_slot`."""
-    opts = ForwardOptions(train, momentum, eps, share_1x1, fuse_inference)
-    return run_block(params, stats, x, geom, opts)
-
-
-def apply_block_branchwise(params, stats, x, geom: ConvGeometry, train: bool,
-                           momentum: float = MOMENTUM, eps: float = EPS):
-    """Every branch computed on its own: the reference semantics (and the tests' oracle)."""
-    return apply_block(params, stats, x, geom, train, momentum, eps, share_1x1=False,
-                       fuse_inference=False)
+# Former names: a block is a slot, so the slot functions serve.
+apply_block = apply_slot
+apply_block_branchwise = apply_slot_branchwise
 
 
 def check_block(params) -> None:
