@@ -86,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--blocks", default="fast", choices=("fast", "unshared", "branchwise"),
                         help="block forward: fast (default), fast without the shared 1x1 "
                              "conv in training, or the branchwise reference (what "
-                             "rep/fast.py gains)")
+                             "share_1x1 and fuse_inference gain)")
     parser.add_argument("--no-extras", action="store_true",
                         help="skip the regrow compile and the inference measurements")
     parser.add_argument("--only", default="", help=argparse.SUPPRESS)  # MODEL:MODE (child)
