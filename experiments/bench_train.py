@@ -42,9 +42,7 @@ from dyrep_jax.data.stats import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_
 from dyrep_jax.dyrep import eligible_slots  # noqa: E402
 from dyrep_jax.models import dbb_initial_branches  # noqa: E402
 from dyrep_jax.optim import cosine_schedule, make_optimizer, remap_opt_state  # noqa: E402
-from dyrep_jax.rep import allowed_branches  # noqa: E402
-from dyrep_jax.rep import apply as rep_apply  # noqa: E402
-from dyrep_jax.rep import fast as rep_fast  # noqa: E402
+from dyrep_jax.rep import allowed_branches, forward_options  # noqa: E402
 from dyrep_jax.rep.introspect import slot_geometries  # noqa: E402
 from dyrep_jax.rep.network import cut_at, grow_at  # noqa: E402
 from dyrep_jax.rep.tree import get_at, is_block_node, structure_of, top_level_slots  # noqa: E402
@@ -91,7 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--blocks", default="fast", choices=("fast", "unshared", "branchwise"),
                         help="block forward: fast (default), fast without the shared 1x1 "
                              "conv in training, or the branchwise reference (what "
-                             "rep/fast.py gains)")
+                             "share_1x1 and fuse_inference gain)")
     parser.add_argument("--no-extras", action="store_true",
                         help="skip the regrow compile and the inference measurements")
     parser.add_argument("--only", default="", help=argparse.SUPPRESS)  # MODEL:MODE (child)
@@ -347,9 +345,13 @@ def device_string() -> str:
 
 def run_config(name: str, mode: str, args) -> list[dict]:
     """Every measurement of one (model, mode), in this process."""
-    if args.blocks == "branchwise":  # benchmark switches: the reference path, or no sharing
-        rep_apply.apply_block = rep_apply.apply_block_branchwise
-    rep_fast.SHARE_1X1 = args.blocks == "fast"
+    # benchmark switches: the reference path, or no sharing of the 1x1 convs
+    with forward_options(share_1x1=args.blocks == "fast",
+                         fuse_inference=args.blocks != "branchwise"):
+        return measure_config(name, mode, args)
+
+
+def measure_config(name: str, mode: str, args) -> list[dict]:
     bench = Bench(name, args)
     model, variables = build(name, mode, args)
     train, state = bench.time_train(model, variables, mode, grows=mode == "dyrep")

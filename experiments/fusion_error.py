@@ -13,11 +13,13 @@ from __future__ import annotations
 import itertools
 import json
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, "tests")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from rep_helpers import randomize_bn_params, randomize_stats  # noqa: E402
 
 from dyrep_jax.rep import BRANCH_NAMES, ConvGeometry, fuse_slot, grow_slot  # noqa: E402

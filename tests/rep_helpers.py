@@ -1,4 +1,8 @@
-"""Random (non-trivial) BN parameters and statistics: fusion bugs hide behind 0/1."""
+"""Random (non-trivial) BN parameters and statistics: fusion bugs hide behind 0/1.
+
+With `tiny_var`, channel 0 of every BN is dead (running var exactly 0) and channel 1 has a
+near-zero variance (1e-7): there BN's eps decides the scale, so dropping it shows.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -11,12 +15,19 @@ def _by_name(key, tree, make):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def randomize_stats(key, stats):
+TINY_VARS = (0.0, 1e-7)  # a dead channel, a near-zero-variance channel
+
+
+def randomize_stats(key, stats, tiny_var: bool = False):
     def make(k, name, leaf):
         if name == "mean":
             return jax.random.normal(k, leaf.shape) * 0.5
         if name == "var":
-            return jax.random.uniform(k, leaf.shape, minval=0.5, maxval=2.0)
+            var = jax.random.uniform(k, leaf.shape, minval=0.5, maxval=2.0)
+            if tiny_var:
+                n = min(len(TINY_VARS), leaf.shape[0])
+                var = var.at[:n].set(jnp.asarray(TINY_VARS[:n]))
+            return var
         return leaf
 
     return _by_name(key, stats, make)

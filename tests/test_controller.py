@@ -187,7 +187,7 @@ def test_dep_cuts_exactly_and_records_importances(tiny):
                             cut=True)
     assert len(decisions) == 1 and decisions[0]["op"] == "cut"
     assert set(decisions[0]["branches"]) == {"1xk", "id"}
-    assert set(decisions[0]["importance"]) == {"1x1", "1x1_avg", "1xk", "id"}
+    assert set(decisions[0]["importance"]) == {"kxk", "1x1", "1x1_avg", "1xk", "id"}
     assert structure_of(new["params"])[dotted(path)] == ["1x1", "1x1_avg", "kxk"]
     after = logits_of(model, new, images)
     assert float(jnp.max(jnp.abs(before - after))) <= 1e-4 * (1 + float(jnp.max(jnp.abs(before))))

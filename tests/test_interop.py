@@ -627,3 +627,95 @@ def test_export_torch_out_folder_and_checkpoint_file_are_refused_in_one_line(
     err = capsys.readouterr().err
     assert "is a file; expected a directory" in err and "import_torch" in err
     assert not os.listdir(folder) and not os.path.exists(tmp_path / "m.pt")
+# ----------------------------------------------------------------------------- Dep parity (#12)
+# The reference's importance and Dep rule, written out here on a torch block with its
+# naming; our importer reads the block, and our Dep and cut must decide the same and keep
+# the block's function. BNs include a dead (var 0) and a near-zero-variance channel.
+
+DEP_GAMMAS = {"1x1": 0.02, "1x1_kxk": 0.04, "1x1_avg": 0.3, "1xk": 0.8, "kx1": 0.5, "id": 0.06}
+
+
+def reference_last_bn(block, name):
+    """The BN whose gamma the reference reads as branch `name`'s weight."""
+    if name == "id":
+        return block.dbb_id
+    return getattr(getattr(block, f"dbb_{name}"), {"1x1_kxk": "bn2", "1x1_avg": "avgbn"}.get(name, "bn"))
+
+
+def reference_importance(block):
+    """Mean |gamma| of each present branch's last BN over that of kxk's BN; kxk is 1."""
+    kxk = block.dbb_kxk.bn.weight.abs().mean().item()
+    return {b: 1.0 if b == "kxk" else reference_last_bn(block, b).weight.abs().mean().item() / kxk
+            for b in block.branches}
+
+
+def reference_dep_cut(importance, std_threshold=0.02, abs_threshold=0.1):
+    """Valid = non-kxk values other than exactly 1; torch's (unbiased) std of them must exceed
+    the threshold (NaN under 2 values: no cut); cut those below their mean and the bound."""
+    valid = torch.tensor([v for b, v in importance.items() if b != "kxk" and v != 1.0],
+                         dtype=torch.float64)
+    if not bool(valid.std() > std_threshold):
+        return set()
+    mean = valid.mean().item()
+    return {b for b, v in importance.items() if b != "kxk" and v < mean and v < abs_threshold}
+
+
+def reference_cut(block, names):
+    """The reference's bookkeeping of a cut that importances see: branches gone, kxk BN reset."""
+    block.branches = tuple(b for b in block.branches if b not in names)
+    with torch.no_grad():
+        bn = block.dbb_kxk.bn
+        bn.weight.fill_(1.0), bn.bias.zero_(), bn.running_mean.zero_(), bn.running_var.fill_(1.0)
+
+
+def dep_block():
+    """All seven kinds, a nested kxk block, chosen last-BN gammas, tiny BN variances."""
+    block = randomized(DBB(4, 4, 3, branches=BRANCHES, inner={"kxk": ("1x1", "id")}), seed=5)
+    signs = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    with torch.no_grad():
+        for name, gamma in DEP_GAMMAS.items():
+            reference_last_bn(block, name).weight.copy_(gamma * signs)
+        for m in block.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var[:2] = torch.tensor([0.0, 1e-7])  # dead, near-zero
+    return block
+
+
+def import_block(block):
+    from dyrep_jax.tools.convert import KeyReader, read_slot
+
+    state = {f"blk.{k}": v.detach().numpy().copy() for k, v in block.state_dict().items()}
+    reader = KeyReader(state)
+    params, stats = read_slot(reader, "blk", {})
+    assert not reader.missing and not reader.unexpected()
+    return params, stats
+
+
+def test_dep_importance_decision_and_cut_match_the_reference():
+    from dyrep_jax.rep import ConvGeometry, branch_importance, cut_branches, dep_decision
+    from dyrep_jax.rep.apply import apply_slot_branchwise
+
+    block = dep_block()
+    x = np.random.default_rng(1).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    ref_out = torch_logits(block, x).transpose(0, 2, 3, 1)
+    geom = ConvGeometry(4, 4, 3)
+    params, stats = import_block(block)
+    ours = branch_importance(params)
+    theirs = reference_importance(block)
+    assert ours.keys() == theirs.keys() and ours == pytest.approx(theirs, rel=1e-6)
+    to_cut = dep_decision(ours, 0.02, 0.1)
+    assert set(to_cut) == reference_dep_cut(theirs) == {"1x1", "1x1_kxk", "id"}
+    params, stats = cut_branches(params, stats, to_cut)
+    assert_close(np.asarray(apply_slot_branchwise(params, stats, x, geom, False)[0]), ref_out)
+    reference_cut(block, to_cut)
+    after, theirs_after = branch_importance(params), reference_importance(block)
+    assert after == pytest.approx(theirs_after, rel=1e-6)
+    assert set(dep_decision(after, 0.02, 0.1)) == reference_dep_cut(theirs_after) == set()
+    plain, plain_stats = cut_branches(params, stats, [b for b in params if b != "kxk"])
+    assert set(plain) == {"kernel", "bias"} and plain_stats == {}
+    assert_close(np.asarray(apply_slot_branchwise(plain, {}, x, geom, False)[0]), ref_out)
+    conv = nn.Conv2d(4, 4, 3, padding=1, bias=True)  # loads into a plain torch conv with bias
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor(np.asarray(plain["kernel"]).transpose(3, 2, 0, 1)))
+        conv.bias.copy_(torch.tensor(np.asarray(plain["bias"])))
+    assert_close(torch_logits(conv, x).transpose(0, 2, 3, 1), ref_out)

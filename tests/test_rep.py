@@ -6,9 +6,14 @@ the rounding difference is ~1e-6 * sqrt(k*k*cin) per term; we require
 max |diff| <= 1e-4 * (1 + max |y|), which a real fusion bug (a wrong pad value,
 a missed BN, a transposed group) exceeds by orders of magnitude.
 
-Blocks run here through `apply_slot_branchwise`, the branch-by-branch reference:
-the default `apply_slot` runs an inference-mode block *as* its fused conv (and a
-faster shared-1x1 path in training), which tests/test_bench.py checks against it.
+Blocks run here through `apply_slot_branchwise`, the branch-by-branch reference (the
+one block forward with `share_1x1=False, fuse_inference=False`): the default runs an
+inference-mode block *as* its fused conv (and a shared-1x1 path in training), which the
+"fast paths" tests below check against it.
+
+BN fixtures include a dead channel (running var 0) and a near-zero-variance one (1e-7)
+where eps decides the scale; the structural ops are also checked in float64 (tolerance
+1e-10), where a slip of ~5e-6 relative (e.g. a BN std of 1 for sqrt(1 + eps)) shows.
 """
 
 import itertools
@@ -27,15 +32,21 @@ from dyrep_jax.rep import (
     RepError,
     allowed_branches,
     branch_importance,
+    child_geometry,
     cut_branches,
     dep_decision,
     fuse_slot,
     grow_slot,
+    is_block,
     regrow_matching,
 )
+from dyrep_jax.rep.apply import apply_slot as apply_fast
 from dyrep_jax.rep.apply import apply_slot_branchwise as apply_slot
+from dyrep_jax.rep.apply import inner_slot_input
+from dyrep_jax.rep.bn import EPS, batch_norm, bn_affine
 from dyrep_jax.rep.geometry import branch_refusal
 from dyrep_jax.rep.network import cut_at, grow_at, slot_depth
+from dyrep_jax.rep.share import concat_channels, split_channels
 from dyrep_jax.rep.tree import all_slots, get_at, set_at, structure_of
 
 KEY = jax.random.PRNGKey(0)
@@ -54,11 +65,11 @@ def plain_slot(key, geom, bias=True):
     return slot
 
 
-def random_block(geom, branches, seed=0):
+def random_block(geom, branches, seed=0, tiny_var=True):
     key = jax.random.PRNGKey(seed)
     k1, k2, k3 = jax.random.split(key, 3)
     params, stats = grow_slot(k1, plain_slot(k1, geom), geom, branches)
-    return randomize_bn_params(k2, params), randomize_stats(k3, stats)
+    return randomize_bn_params(k2, params), randomize_stats(k3, stats, tiny_var)
 
 
 def inputs(geom, size=9, seed=3, dtype=jnp.float32):
@@ -140,7 +151,7 @@ def nested_network(geom, seed=0):
                             ("layer", "conv", "1x1_kxk", "conv2"), conv2_geom,
                             ["1x1_kxk", "1x1_avg"])
     params = randomize_bn_params(jax.random.fold_in(key, 3), params)
-    stats = randomize_stats(jax.random.fold_in(key, 4), stats)
+    stats = randomize_stats(jax.random.fold_in(key, 4), stats, tiny_var=True)
     return params, stats
 
 
@@ -213,9 +224,11 @@ def test_cut_to_kxk_only_reverts_to_plain_slot_with_bias():
     plain, plain_stats = cut_branches(params, stats, rest)
     assert set(plain) == {"kernel", "bias"} and plain_stats == {}
     assert max_abs(y, apply_slot(plain, {}, x, geom, train=False)[0]) <= tol(y)
+    regrown, regrown_stats = grow_slot(KEY, plain, geom, ["1x1"])  # eligible to grow again
+    assert max_abs(y, apply_slot(regrown, regrown_stats, x, geom, train=False)[0]) <= tol(y)
 
 
-def test_cut_with_tiny_kxk_gamma_uses_exact_fallback():
+def test_cut_with_zero_kxk_gamma_stays_exact():
     geom = ConvGeometry(4, 4, 3, 1, None, 1)
     params, stats = random_block(geom, ["1x1", "id"], seed=13)
     params["kxk"]["bn"]["scale"] = params["kxk"]["bn"]["scale"].at[0].set(0.0)
@@ -225,22 +238,41 @@ def test_cut_with_tiny_kxk_gamma_uses_exact_fallback():
     assert max_abs(y, apply_slot(new_p, new_s, x, geom, train=False)[0]) <= tol(y)
 
 
-def test_cut_in_nested_network_and_dissolve_into_inner_block():
+def test_cut_in_nested_network_folds_or_keeps_the_inner_block():
     geom = ConvGeometry(4, 4, 3, 1, None, 1)
     params, stats = nested_network(geom)
     x = inputs(geom)
     path = ("layer", "conv")
     y, _ = apply_slot(get_at(params, path), get_at(stats, path), x, geom, train=False)
-    # cutting every branch but kxk leaves the nested block, with the outer BN folded in
+    # cutting every branch but kxk leaves one plain conv, the nested block folded in
     others = [b for b in get_at(params, path) if b != "kxk"]
     new_p, new_s = cut_at(params, stats, path, others)
     slot = get_at(new_p, path)
-    assert set(slot) == {"1x1", "1x1_avg", "kxk"}
-    assert max_abs(y, apply_slot(slot, get_at(new_s, path), x, geom, train=False)[0]) <= tol(y)
-    # cutting inside the nested block absorbs through the outer kxk BN
+    assert set(slot) == {"kernel", "bias"} and get_at(new_s, path) is None
+    assert max_abs(y, apply_slot(slot, {}, x, geom, train=False)[0]) <= tol(y)
+    # cutting some: the nested kxk block keeps its branches, its kxk takes the remainder
+    new_p, new_s = cut_at(params, stats, path, ["1x1", "id"])
+    slot, slot_s = get_at(new_p, path), get_at(new_s, path)
+    inner = slot["kxk"]["conv"]
+    assert set(inner) == {"1x1", "1x1_avg", "kxk"}
+    for name in ("1x1", "1x1_avg"):
+        old = get_at(params, (*path, "kxk", "conv", name))
+        assert jax.tree_util.tree_all(jax.tree_util.tree_map(jnp.array_equal, inner[name], old))
+    for bn_p, bn_s in ((slot["kxk"]["bn"], slot_s["kxk"]["bn"]),
+                       (inner["kxk"]["bn"], slot_s["kxk"]["conv"]["kxk"]["bn"])):
+        assert_identity_bn(bn_p, bn_s)
+    assert max_abs(y, apply_slot(slot, slot_s, x, geom, train=False)[0]) <= tol(y)
+    # cutting inside the nested block keeps the whole slot's function
     new_p, new_s = cut_at(params, stats, (*path, "kxk", "conv"), ["1x1"])
     y3, _ = apply_slot(get_at(new_p, path), get_at(new_s, path), x, geom, train=False)
     assert max_abs(y, y3) <= tol(y)
+
+
+def assert_identity_bn(bn_p, bn_s):
+    """gamma 1, beta 0, mean 0 and var + eps == 1 exactly: BN(z) == z in inference mode."""
+    a, c = bn_affine(bn_p, bn_s["mean"], bn_s["var"], EPS)
+    assert bool(jnp.all(a == 1.0)) and bool(jnp.all(c == 0.0))
+    assert bool(jnp.all(bn_p["scale"] == 1.0)) and bool(jnp.all(bn_s["mean"] == 0.0))
 
 
 def test_train_mode_bn_matches_pytorch_semantics():
@@ -270,7 +302,7 @@ def test_train_mode_output_uses_batch_statistics():
 
 def test_bfloat16_apply_runs_and_stays_close():
     geom = ConvGeometry(8, 8, 3, 1, None, 1)
-    params, stats = random_block(geom, allowed_branches(geom), seed=4)
+    params, stats = random_block(geom, allowed_branches(geom), seed=4, tiny_var=False)
     x = inputs(geom)
     y32, _ = apply_slot(params, stats, x, geom, train=False)
     y16, st16 = apply_slot(params, stats, x.astype(jnp.bfloat16), geom, train=True)
@@ -289,11 +321,59 @@ def test_branch_importance_and_dep_rule():
     params["1x1_avg"]["avgbn"]["scale"] = jnp.array([0.1, -0.1, 0.1, -0.1])
     params["id"]["bn"]["scale"] = jnp.full(4, 0.6)
     imp = branch_importance(params)
-    assert imp == pytest.approx({"1x1": 0.5, "1x1_avg": 0.05, "id": 0.3})
-    assert dep_decision(imp) == ("1x1_avg",)
-    assert dep_decision(imp, abs_threshold=0.01) == ()
-    assert dep_decision({"1x1": 0.05, "id": 0.06}) == ()  # std 0.005 <= 0.02
-    assert dep_decision({"1x1": 0.05}) == ()
+    assert imp == pytest.approx({"kxk": 1.0, "1x1": 0.5, "1x1_avg": 0.05, "id": 0.3})
+    assert dep_decision(imp, 0.02, 0.1) == ["1x1_avg"]
+    assert dep_decision(imp, 0.02, 0.01) == []
+    assert dep_decision({"1x1": 0.05, "id": 0.06}, 0.02, 0.1) == []  # unbiased std 0.0071
+    assert dep_decision({"1x1": 0.05, "id": 0.09}, 0.02, 0.1) == ["1x1"]  # 0.028; pop. 0.02
+    assert dep_decision({"kxk": 1.0, "1x1": 0.05}, 0.02, 0.1) == []  # one valid value
+    # an importance of exactly 1 is not a valid value (here: leaves one, so no cut)
+    assert dep_decision({"1x1": 1.0, "id": 0.01}, 0.02, 0.1) == []
+
+
+def reference_dep(vector, std_threshold, abs_threshold):
+    """The reference's rule on its 7-vector (order BRANCH_NAMES, -1 = absent, kxk = 1):
+    valid = non-kxk entries that are neither -1 nor exactly 1; no cut unless the sample
+    std (n - 1; NaN, so no cut, with under 2 values) exceeds the threshold; then cut
+    every present non-kxk branch below the valid mean and below `abs_threshold`."""
+    kxk = BRANCH_NAMES.index("kxk")
+    valid = [v for i, v in enumerate(vector) if i != kxk and v not in (-1.0, 1.0)]
+    if len(valid) < 2 or not np.std(valid, ddof=1) > std_threshold:
+        return []
+    mean = np.mean(valid)
+    return [BRANCH_NAMES[i] for i, v in enumerate(vector)
+            if i != kxk and v != -1.0 and v < mean and v < abs_threshold]
+
+
+def random_importance_vector(rng):
+    kxk = BRANCH_NAMES.index("kxk")
+    vector = [1.0 if i == kxk else -1.0 for i in range(len(BRANCH_NAMES))]
+    others = [i for i in range(len(BRANCH_NAMES)) if i != kxk]
+    present = rng.choice(others, size=rng.integers(0, len(others) + 1), replace=False)
+    for i in present:
+        r = rng.random()
+        vector[i] = 1.0 if r < 0.15 else float(rng.uniform(0, 0.2) if r < 0.8 else rng.uniform(0, 2))
+    return vector
+
+
+def test_dep_decision_agrees_with_reference_rule_on_random_vectors():
+    rng = np.random.default_rng(0)
+    seen = {"cut": 0, "no cut": 0, "has exact 1": 0, "single valid": 0, "absent": 0}
+    for _ in range(1500):
+        vector = random_importance_vector(rng)
+        std_thr = 0.02 if rng.random() < 0.5 else float(rng.uniform(0, 0.1))
+        abs_thr = 0.1 if rng.random() < 0.5 else float(rng.uniform(0, 0.5))
+        importances = {b: v for b, v in zip(BRANCH_NAMES, vector, strict=True) if v != -1.0}
+        ours = dep_decision(importances, std_thr, abs_thr)
+        assert ours == reference_dep(vector, std_thr, abs_thr), (vector, std_thr, abs_thr)
+        without_kxk = {b: v for b, v in importances.items() if b != "kxk"}
+        assert dep_decision(without_kxk, std_thr, abs_thr) == ours  # kxk optional
+        valid = [v for b, v in without_kxk.items() if v != 1.0]
+        seen["cut" if ours else "no cut"] += 1
+        seen["has exact 1"] += 1.0 in without_kxk.values()
+        seen["single valid"] += len(valid) == 1
+        seen["absent"] += len(importances) < len(BRANCH_NAMES)
+    assert min(seen.values()) >= 100, seen
 
 
 def test_bad_input_errors_name_slot_branch_and_reason():
@@ -354,3 +434,193 @@ def test_property_random_geometries_fuse_and_cut_exactly(case):
         y, _ = apply_slot(params, stats, x, geom, train=False)
         new_p, new_s = cut_branches(params, stats, to_cut)
         assert max_abs(y, apply_slot(new_p, new_s, x, geom, train=False)[0]) <= tol(y)
+
+
+# ----------------------------------------------------------------------------- fast paths
+# The default block forward (shared 1x1 conv + BN in training, fused conv at inference)
+# must equal the branchwise reference, outputs and running statistics, for every branch
+# kind, groups, stride, padding and nesting. Inference runs the fused conv, so these are
+# also checks that fusion is exact.
+
+
+def assert_fast_equals_branchwise(params, stats, geom, share_1x1=True, dtype=jnp.float32):
+    x = jax.random.normal(jax.random.PRNGKey(3), (3, 9, 9, geom.in_channels)).astype(dtype)
+    for train in (True, False):
+        y, st = apply_fast(params, stats, x, geom, train, share_1x1=share_1x1)
+        y_ref, st_ref = apply_slot(params, stats, x, geom, train)
+        assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
+        scale = 1.0 + float(jnp.max(jnp.abs(y_ref.astype(jnp.float32))))
+        bound = (1e-4 if dtype == jnp.float32 else 3e-2) * scale
+        assert max_abs(y, y_ref) <= bound, (train, max_abs(y, y_ref))
+        assert jax.tree_util.tree_structure(st) == jax.tree_util.tree_structure(stats)
+        for a, b in zip(jax.tree_util.tree_leaves(st), jax.tree_util.tree_leaves(st_ref),
+                        strict=True):
+            assert a.dtype == jnp.float32
+            assert max_abs(a, b) <= 1e-4 * (1.0 + float(jnp.max(jnp.abs(b)))), train
+
+
+@pytest.mark.parametrize("groups,stride,k", list(itertools.product((1, 2, "dw"), (1, 2), (3, 5))))
+@pytest.mark.parametrize("share", [True, False])
+def test_fast_block_equals_branchwise_all_branches(groups, stride, k, share):
+    g = 4 if groups == "dw" else groups
+    geom = ConvGeometry(4, 4, k, stride, None, g)
+    params, stats = random_block(geom, allowed_branches(geom), seed=k + stride)
+    assert_fast_equals_branchwise(params, stats, geom, share)
+
+
+@pytest.mark.parametrize("branches", [("1x1",), ("1x1_kxk",), ("1x1_avg",), ("1x1", "1x1_kxk"),
+                                      ("1x1", "1x1_avg"), ("1x1_kxk", "1x1_avg"), ("id",)])
+def test_fast_block_equals_branchwise_subsets(branches):
+    geom = ConvGeometry(4, 8, 3, 1, None, 2) if "id" not in branches else \
+        ConvGeometry(6, 6, 3, 1, None, 3)
+    params, stats = random_block(geom, branches, seed=11)
+    assert_fast_equals_branchwise(params, stats, geom)
+
+
+@pytest.mark.parametrize("geom", [ConvGeometry(4, 4, 3, 1, 0, 2), ConvGeometry(4, 8, 3, 2, None, 4),
+                                  ConvGeometry(3, 9, 5, 1, None, 1)])
+def test_fast_block_equals_branchwise_padding_and_channel_changes(geom):
+    params, stats = random_block(geom, allowed_branches(geom), seed=5)
+    assert_fast_equals_branchwise(params, stats, geom)
+
+
+@pytest.mark.parametrize("groups,stride", [(1, 1), (2, 2)])
+def test_fast_block_equals_branchwise_nested(groups, stride):
+    geom = ConvGeometry(4, 4, 3, stride, None, groups)
+    params, stats = nested_network(geom)
+    slot_p, slot_s = params["layer"]["conv"], stats["layer"]["conv"]
+    assert_fast_equals_branchwise(slot_p, slot_s, geom)
+    assert_fast_equals_branchwise(slot_p, slot_s, geom, share_1x1=False)
+
+
+def test_fast_block_bfloat16_close_to_branchwise():
+    geom = ConvGeometry(8, 8, 3, 1, None, 1)
+    params, stats = random_block(geom, allowed_branches(geom), seed=4, tiny_var=False)
+    assert_fast_equals_branchwise(params, stats, geom, dtype=jnp.bfloat16)
+
+
+def test_grouped_concat_round_trips():
+    a = jnp.arange(2 * 6, dtype=jnp.float32).reshape(2, 6)
+    b = -jnp.arange(2 * 4, dtype=jnp.float32).reshape(2, 4)
+    for groups in (1, 2):
+        joined = concat_channels([a, b], groups)
+        assert joined.shape == (2, 10)
+        back = split_channels(joined, [6, 4], groups)
+        assert max_abs(back[0], a) == 0.0 and max_abs(back[1], b) == 0.0
+    # group-major: group 0 holds a's first 3 and b's first 2 channels
+    assert concat_channels([a, b], 2)[0].tolist() == [0, 1, 2, 0, -1, 3, 4, 5, -2, -3]
+
+
+def test_inner_slot_input_is_what_the_nested_slot_sees():
+    """The captured input of a nested slot, run through it, rebuilds the branch's output."""
+    geom = ConvGeometry(4, 4, 3, 2, None, 2)
+    params, stats = nested_network(geom)
+    slot_p, slot_s = params["layer"]["conv"], stats["layer"]["conv"]
+    x = inputs(geom)
+    z = inner_slot_input(slot_p, slot_s, x, geom, ["1x1_kxk"])
+    assert z.shape == (2, 11, 11, 4)  # BN-padded by k // 2
+    conv2 = ("1x1_kxk", "conv2")
+    inner, _ = apply_slot(get_at(slot_p, conv2), get_at(slot_s, conv2), z,
+                          child_geometry(geom, "1x1_kxk"), train=False)
+    bn2 = slot_p["1x1_kxk"]["bn2"], slot_s["1x1_kxk"]["bn2"]
+    y_branch = inner * bn_affine(bn2[0], bn2[1]["mean"], bn2[1]["var"])[0] + \
+        bn_affine(bn2[0], bn2[1]["mean"], bn2[1]["var"])[1]
+    only = {"kxk": slot_p["kxk"], "1x1_kxk": slot_p["1x1_kxk"]}
+    zero_kxk = {**slot_p["kxk"], "bn": {"scale": jnp.zeros(4), "bias": jnp.zeros(4)}}
+    y_ref, _ = apply_slot({**only, "kxk": zero_kxk}, slot_s, x, geom, train=False)
+    assert max_abs(y_branch, y_ref) <= tol(y_ref)
+    deep = inner_slot_input(slot_p, slot_s, x, geom, ["1x1_kxk", "kxk"])
+    assert max_abs(deep, z) == 0.0  # a kxk passes its input through
+    with pytest.raises(RepError, match="holds no nestable conv"):
+        inner_slot_input(slot_p, slot_s, x, geom, ["1x1"])
+
+
+# ----------------------------------------------------------------------------- state after a cut
+
+
+def test_cut_leaves_identity_kxk_bn_and_raw_gamma_importances():
+    geom = ConvGeometry(4, 4, 3, 1, None, 1)
+    params, stats = random_block(geom, allowed_branches(geom), seed=21)
+    x = inputs(geom)
+    y, _ = apply_slot(params, stats, x, geom, train=False)
+    new_p, new_s = cut_branches(params, stats, ["1x1", "1xk"])
+    assert set(new_p) == {"1x1_kxk", "1x1_avg", "kxk", "kx1", "id"}
+    assert_identity_bn(new_p["kxk"]["bn"], new_s["kxk"]["bn"])
+    assert set(new_p["kxk"]["conv"]) == {"kernel", "bias"}
+    for name in ("1x1_kxk", "1x1_avg", "kx1", "id"):  # the kept branches are untouched
+        assert jax.tree_util.tree_all(jax.tree_util.tree_map(jnp.array_equal, new_p[name],
+                                                             params[name]))
+    importance = branch_importance(new_p)  # now ratios to 1: the raw last-BN gamma means
+    for name, bn in (("1x1_kxk", "bn2"), ("1x1_avg", "avgbn"), ("kx1", "bn"), ("id", "bn")):
+        raw = float(np.mean(np.abs(np.asarray(params[name][bn]["scale"], np.float64))))
+        assert importance[name] == raw
+    assert max_abs(y, apply_slot(new_p, new_s, x, geom, train=False)[0]) <= tol(y)
+
+
+def test_bn_inference_uses_eps_on_dead_and_near_zero_channels():
+    params = {"scale": jnp.array([1.0, 0.7, 1.3]), "bias": jnp.array([0.1, -0.2, 0.3])}
+    stats = {"mean": jnp.array([0.5, -0.1, 0.2]), "var": jnp.array([0.0, 1e-7, 1.0])}
+    x = jax.random.normal(KEY, (2, 3, 3, 3))
+    y, _, _ = batch_norm(params, stats, x, False)
+    p = {k: np.asarray(v, np.float64) for k, v in {**params, **stats}.items()}
+    expect = (np.asarray(x, np.float64) - p["mean"]) / np.sqrt(p["var"] + 1e-5) * p["scale"] \
+        + p["bias"]
+    np.testing.assert_allclose(np.asarray(y), expect, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- float64
+# Grow, cut and fusion claim exactness; in float64 their error is ~1e-13, so a slip of
+# 1 - 1/sqrt(1 + eps) ~ 5e-6 (a BN reset to var 1 and read as std 1) fails 1e-10.
+X64_TOL = 1e-10
+
+
+@pytest.fixture
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def to64(tree):
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), tree)
+
+
+def assert_exact64(y, y_ref):
+    assert y.dtype == jnp.float64 and y_ref.dtype == jnp.float64
+    err = float(jnp.max(jnp.abs(y - y_ref)))
+    assert err <= X64_TOL * (1.0 + float(jnp.max(jnp.abs(y_ref)))), err
+
+
+@pytest.mark.parametrize("geom", [ConvGeometry(4, 4, 3, 1, None, 1),
+                                  ConvGeometry(4, 8, 5, 2, None, 2)])
+def test_grow_fuse_and_cut_are_exact_in_float64(x64, geom):
+    old = to64(plain_slot(KEY, geom))
+    x = inputs(geom, dtype=jnp.float64)
+    y_old, _ = apply_slot(old, {}, x, geom, train=False)
+    block, stats = grow_slot(KEY, old, geom, allowed_branches(geom))
+    block = to64(randomize_bn_params(jax.random.PRNGKey(1), block))
+    stats = to64(randomize_stats(jax.random.PRNGKey(2), stats, tiny_var=True))
+    block, stats = regrow_matching(block, to64(stats), old)  # grow's rebalance, calibrated
+    y, _ = apply_slot(block, to64(stats), x, geom, train=False)
+    assert_exact64(y, y_old)
+    fused = fuse_slot(block, to64(stats))
+    assert_exact64(apply_slot(fused, {}, x, geom, train=False)[0], y_old)
+    cut_p, cut_s = cut_branches(block, to64(stats), ["1x1", "1x1_avg"])
+    assert_exact64(apply_slot(cut_p, cut_s, x, geom, train=False)[0], y_old)
+    rest = [b for b in cut_p if b != "kxk"]
+    plain, _ = cut_branches(cut_p, cut_s, rest)
+    assert set(plain) == {"kernel", "bias"}
+    assert_exact64(apply_slot(plain, {}, x, geom, train=False)[0], y_old)
+
+
+def test_nested_cut_and_fuse_are_exact_in_float64(x64):
+    geom = ConvGeometry(4, 4, 3, 1, None, 2)
+    params, stats = to64(nested_network(geom))
+    slot_p, slot_s = params["layer"]["conv"], stats["layer"]["conv"]
+    x = inputs(geom, dtype=jnp.float64)
+    y, _ = apply_slot(slot_p, slot_s, x, geom, train=False)
+    assert_exact64(apply_slot(fuse_slot(slot_p, slot_s), {}, x, geom, train=False)[0], y)
+    cut_p, cut_s = cut_branches(slot_p, slot_s, ["1x1", "id", "1xk"])
+    assert is_block(cut_p["kxk"]["conv"])
+    assert_exact64(apply_slot(cut_p, cut_s, x, geom, train=False)[0], y)
+    plain, _ = cut_branches(cut_p, cut_s, [b for b in cut_p if b != "kxk"])
+    assert_exact64(apply_slot(plain, {}, x, geom, train=False)[0], y)

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from dyrep_jax.models.variables import image_spec
-from dyrep_jax.rep.geometry import child_geometry
+from dyrep_jax.rep.branches import KINDS, kernel_macs
 from dyrep_jax.rep.introspect import slot_geometries
 from dyrep_jax.rep.tree import get_at, is_slot
 
@@ -37,31 +37,14 @@ def conv_output_size(size: int, kernel: int, stride: int, pad: int) -> int:
     return (size + 2 * pad - kernel) // stride + 1
 
 
-def kernel_macs(kernel, hw) -> int:
-    """A conv's MACs: each output pixel costs kh * kw * (cin / groups) * cout."""
-    return int(np.prod(kernel.shape)) * hw[0] * hw[1]
-
-
 def slot_macs(slot, geom, in_hw) -> int:
     """MACs of a plain or (nested) block slot with input spatial size `in_hw`."""
     k, s, p = geom.kernel_size, geom.stride, geom.pad
     out_hw = tuple(conv_output_size(n, k, s, p) for n in in_hw)
     if "kxk" not in slot:
         return kernel_macs(slot["kernel"], out_hw)
-    total = 0
-    for branch, bp in slot.items():
-        if branch == "kxk":
-            total += slot_macs(bp["conv"], geom, in_hw)
-        elif branch in ("1x1", "1xk", "kx1"):
-            total += kernel_macs(bp["conv"]["kernel"], out_hw)
-        elif branch == "1x1_kxk":
-            # the 1x1 runs at input resolution; the kxk on its BN-padded output
-            total += kernel_macs(bp["conv1"]["kernel"], in_hw)
-            padded = tuple(n + 2 * p for n in in_hw)
-            total += slot_macs(bp["conv2"], child_geometry(geom, "1x1_kxk"), padded)
-        elif branch == "1x1_avg" and "conv" in bp:
-            total += kernel_macs(bp["conv"]["kernel"], in_hw)
-    return total
+    return sum(KINDS[branch].macs(bp, geom, in_hw, out_hw, slot_macs)
+               for branch, bp in slot.items())
 
 
 def dense_macs(params) -> int:

@@ -23,9 +23,14 @@ def init_bn(channels: int, gamma: float = 1.0):
     return params, stats
 
 
+def accumulation_dtype(x):
+    """float32 for bf16/f32 inputs; float64 inputs (tests under jax_enable_x64) stay float64."""
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+
 def batch_moments(x):
-    """Per-channel mean and biased variance over all but the last axis, in float32."""
-    xf = x.astype(jnp.float32)
+    """Per-channel mean and biased variance over all but the last axis, in float32 (or more)."""
+    xf = x.astype(accumulation_dtype(x))
     axes = tuple(range(x.ndim - 1))
     mean = jnp.mean(xf, axis=axes)
     var = jnp.mean(jnp.square(xf - mean), axis=axes)
@@ -56,5 +61,5 @@ def batch_norm(params, stats, x, train: bool, momentum: float = MOMENTUM, eps: f
         mean, var = stats["mean"], stats["var"]
         new_stats = stats
     a, c = bn_affine(params, mean, var, eps)
-    y = x.astype(jnp.float32) * a + c
+    y = x.astype(accumulation_dtype(x)) * a + c
     return y.astype(x.dtype), new_stats, (a, c)

@@ -10,10 +10,18 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-# Order of the reference code's 0/1 `branches` vector.
-BRANCH_NAMES = ("1x1", "1x1_kxk", "1x1_avg", "kxk", "1xk", "kx1", "id")
-# Branches allowed when padding != k // 2: only these stay exact at the borders.
-PADDING_FREE_BRANCHES = ("1x1_kxk", "1x1_avg", "kxk")
+from dyrep_jax.rep.branches import (
+    BRANCH_NAMES,  # order of the reference code's 0/1 `branches` vector
+    KINDS,
+    NESTABLE,
+    PADDING_FREE_BRANCHES,  # allowed when padding != k // 2: exact at the borders
+    child_geometry_of,
+)
+
+__all__ = ["BRANCH_NAMES", "MAX_NESTING", "NESTABLE", "PADDING_FREE_BRANCHES", "ConvGeometry",
+           "RepError", "allowed_branches", "branch_refusal", "check_branches", "check_geometry",
+           "child_geometry", "describe"]
+
 MAX_NESTING = 2
 
 
@@ -75,14 +83,7 @@ def branch_refusal(geom: ConvGeometry, branch: str) -> str | None:
             f"padding {geom.pad} != k//2={k // 2} allows only "
             f"{', '.join(PADDING_FREE_BRANCHES)}"
         )
-    if branch in ("1xk", "kx1") and k == 1:
-        return "asymmetric branches need kernel size > 1"
-    if branch == "id" and (geom.in_channels != geom.out_channels or geom.stride != 1):
-        return (
-            f"identity needs in_channels == out_channels and stride 1 "
-            f"(got {geom.in_channels}->{geom.out_channels}, stride {geom.stride})"
-        )
-    return None
+    return KINDS[branch].refusal(geom)
 
 
 def allowed_branches(geom: ConvGeometry) -> tuple[str, ...]:
@@ -106,14 +107,7 @@ def check_branches(geom: ConvGeometry, branches, path=None) -> tuple[str, ...]:
 
 def child_geometry(geom: ConvGeometry, branch: str) -> ConvGeometry:
     """Geometry of the conv inside `branch` that may itself be a slot (nesting)."""
-    if branch == "kxk":
-        return geom
-    if branch == "1x1_kxk":
-        # internal width = input channels; kxk conv runs on BN-padded input, no padding.
-        return ConvGeometry(
-            geom.in_channels, geom.out_channels, geom.kernel_size, geom.stride, 0, geom.groups
-        )
-    raise RepError(f"branch '{branch}' holds no nestable conv (only kxk and 1x1_kxk do)")
-
-
-NESTABLE = {"kxk": "conv", "1x1_kxk": "conv2"}
+    if branch not in NESTABLE:
+        raise RepError(f"branch '{branch}' holds no nestable conv (only "
+                       f"{' and '.join(NESTABLE)} do)")
+    return child_geometry_of(geom, branch)

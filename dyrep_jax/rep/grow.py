@@ -13,9 +13,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dyrep_jax.rep.apply import is_block
 from dyrep_jax.rep.bn import EPS, init_bn
-from dyrep_jax.rep.fuse import fuse_branch
+from dyrep_jax.rep.branches import KINDS, fan_out_normal
+from dyrep_jax.rep.fuse import fuse_branches
 from dyrep_jax.rep.geometry import (
     ConvGeometry,
     RepError,
@@ -23,47 +23,19 @@ from dyrep_jax.rep.geometry import (
     check_geometry,
     describe,
 )
+from dyrep_jax.rep.ops import is_block
+
+__all__ = ["LAST_BN_GAMMA", "fan_out_normal", "grow_slot", "identity_bn_std", "init_branch",
+           "rebalance_kxk", "regrow_matching", "reset_kxk_stats"]
 
 LAST_BN_GAMMA = 0.01
 
 
-def fan_out_normal(key, shape):
-    kh, kw, _, out = shape
-    return jax.random.normal(key, shape, jnp.float32) * jnp.sqrt(2.0 / (kh * kw * out))
-
-
 def init_branch(key, branch: str, geom: ConvGeometry, last_gamma: float = LAST_BN_GAMMA):
-    """(params, stats) of one new non-kxk branch for `geom`."""
-    k, g = geom.kernel_size, geom.groups
-    cin, cout = geom.in_channels, geom.out_channels
-    k1, k2 = jax.random.split(key)
-    if branch in ("1x1", "1xk", "kx1"):
-        shape = {"1x1": (1, 1), "1xk": (1, k), "kx1": (k, 1)}[branch]
-        bn_p, bn_s = init_bn(cout, last_gamma)
-        kern = fan_out_normal(k1, (*shape, cin // g, cout))
-        return {"conv": {"kernel": kern}, "bn": bn_p}, {"bn": bn_s}
-    if branch == "1x1_kxk":
-        mid = cin
-        bn1_p, bn1_s = init_bn(mid)
-        bn2_p, bn2_s = init_bn(cout, last_gamma)
-        params = {
-            "conv1": {"kernel": fan_out_normal(k1, (1, 1, cin // g, mid))},
-            "bn1": bn1_p,
-            "conv2": {"kernel": fan_out_normal(k2, (k, k, mid // g, cout))},
-            "bn2": bn2_p,
-        }
-        return params, {"bn1": bn1_s, "bn2": bn2_s}
-    if branch == "1x1_avg":
-        avg_p, avg_s = init_bn(cout, last_gamma)
-        if geom.is_depthwise:
-            return {"avgbn": avg_p}, {"avgbn": avg_s}
-        bn_p, bn_s = init_bn(cout)
-        kern = fan_out_normal(k1, (1, 1, cin // g, cout))
-        return {"conv": {"kernel": kern}, "bn": bn_p, "avgbn": avg_p}, {"bn": bn_s, "avgbn": avg_s}
-    if branch == "id":
-        bn_p, bn_s = init_bn(cout, last_gamma)
-        return {"bn": bn_p}, {"bn": bn_s}
-    raise RepError(f"cannot initialize branch '{branch}'")
+    """(params, stats) of one new branch for `geom`, as the reference initializes it."""
+    if branch not in KINDS:
+        raise RepError(f"cannot initialize branch '{branch}'")
+    return KINDS[branch].init(key, geom, last_gamma)
 
 
 def check_plain_slot(params, geom: ConvGeometry, path=None):
@@ -97,14 +69,7 @@ def grow_slot(key, params, geom: ConvGeometry, branches, path=None, eps=EPS,
     keys = jax.random.split(key, len(branches))
     block_p, block_s = {}, {}
     for bkey, branch in zip(keys, branches, strict=True):
-        if branch == "kxk":
-            bn_p, bn_s = init_bn(geom.out_channels)
-            kern = params["kernel"]
-            bias = params.get("bias", jnp.zeros((geom.out_channels,), kern.dtype))
-            block_p["kxk"] = {"conv": {"kernel": kern, "bias": bias}, "bn": bn_p}
-            block_s["kxk"] = {"bn": bn_s}
-        else:
-            block_p[branch], block_s[branch] = init_branch(bkey, branch, geom, last_gamma)
+        block_p[branch], block_s[branch] = init_branch(bkey, branch, geom, last_gamma)
     return rebalance_kxk(block_p, block_s, params, eps), block_s
 
 
@@ -119,15 +84,8 @@ def rebalance_kxk(block_params, block_stats, target, eps=EPS):
         raise RepError("rebalance_kxk needs a plain kxk conv (it was grown further)")
     t_kernel = target["kernel"]
     t_bias = target.get("bias", jnp.zeros((t_kernel.shape[-1],), t_kernel.dtype))
-    k, in_per_group = t_kernel.shape[0], t_kernel.shape[2]
-    rest_k = jnp.zeros_like(t_kernel)
-    rest_b = jnp.zeros_like(t_bias)
-    for branch in block_params:
-        if branch == "kxk":
-            continue
-        bk, bb = fuse_branch(branch, block_params[branch], block_stats[branch], k, in_per_group,
-                             eps)
-        rest_k, rest_b = rest_k + bk, rest_b + bb
+    rest = [b for b in block_params if b != "kxk"]
+    rest_k, rest_b = fuse_branches(block_params, block_stats, rest, t_kernel, eps)
     std = identity_bn_std(eps)
     new = dict(block_params)
     bn_p, _ = init_bn(t_kernel.shape[-1])

@@ -8,6 +8,7 @@ therefore never touches model code: the parameter pytree is the structure.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -43,7 +44,8 @@ class RepConv(nn.Module):
                             self.padding, self.groups)
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, share_1x1: bool = True,
+                 fuse_inference: bool = True):
         where = _module_path(self)
         if x.ndim != 4:
             raise RepError(f"{where}: expected NHWC input of rank 4, got shape {x.shape}")
@@ -69,11 +71,29 @@ class RepConv(nn.Module):
                 f"{where}: input has {cin} channels but the slot's kernel expects "
                 f"{got * self.groups} (groups={self.groups})"
             )
-        y, new_stats = apply_slot(params, stats, x.astype(self.dtype), self.geometry(cin), train)
+        y, new_stats = apply_slot(params, stats, x.astype(self.dtype), self.geometry(cin), train,
+                                  share_1x1=share_1x1, fuse_inference=fuse_inference)
         if train and self.is_mutable_collection("batch_stats"):
             for key, value in new_stats.items():
                 self.put_variable("batch_stats", key, value)
         return y
+
+
+@contextlib.contextmanager
+def forward_options(share_1x1: bool = True, fuse_inference: bool = True):
+    """Within this context (while tracing), every RepConv runs its block with these options.
+
+    E.g. `forward_options(False, False)` runs the branchwise reference in a whole model
+    (benchmarks, tests); outside it RepConv uses the defaults (both on).
+    """
+
+    def interceptor(next_fun, args, kwargs, context):
+        if isinstance(context.module, RepConv) and context.method_name == "__call__":
+            kwargs = {**kwargs, "share_1x1": share_1x1, "fuse_inference": fuse_inference}
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        yield
 
 
 def _input_width(params) -> int:
@@ -90,7 +110,8 @@ class BatchNorm(nn.Module):
     scale_init_value: float = 1.0
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, share_1x1: bool = True,
+                 fuse_inference: bool = True):
         c = x.shape[-1]
         init_p, init_s = init_bn(c, self.scale_init_value)
         scale = self.param("scale", lambda _k: init_p["scale"])

@@ -7,6 +7,7 @@ their top-level slot's geometry.
 
 from __future__ import annotations
 
+from dyrep_jax.rep.branches import NESTABLE
 from dyrep_jax.rep.cut import cut_branches
 from dyrep_jax.rep.geometry import MAX_NESTING, ConvGeometry, RepError, child_geometry
 from dyrep_jax.rep.grow import grow_slot
@@ -23,10 +24,10 @@ def split_slot_path(params, path) -> tuple[tuple, list[str]]:
                 break
             branches = list(rest[0::2])
             node = get_at(params, top)
-            for branch in branches:
-                if not is_block_node(node) or branch not in node:
+            for branch, conv in zip(branches, rest[1::2], strict=True):
+                if not is_block_node(node) or branch not in node or NESTABLE.get(branch) != conv:
                     raise RepError(f"{dotted(path)}: no slot at this path")
-                node = node[branch]["conv" if branch == "kxk" else "conv2"]
+                node = node[branch][conv]
             return top, branches
     raise RepError(f"{dotted(path)}: not a slot path of this network")
 

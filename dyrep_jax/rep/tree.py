@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from dyrep_jax.rep.geometry import NESTABLE
+from dyrep_jax.rep.branches import NESTABLE
 
 Path = tuple
 

@@ -18,13 +18,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from dyrep_jax.rep.geometry import BRANCH_NAMES
+from dyrep_jax.rep.branches import BRANCH_NAMES, TORCH_NAMES
 from dyrep_jax.rep.tree import set_at
 from dyrep_jax.tools.errors import ToolError, name_list
 from dyrep_jax.tools.layout import layers_of
 
-TORCH_BRANCH = {"1x1": "dbb_1x1", "1x1_kxk": "dbb_1x1_kxk", "1x1_avg": "dbb_1x1_avg",
-                "kxk": "dbb_kxk", "1xk": "dbb_1xk", "kx1": "dbb_kx1", "id": "dbb_id"}
+TORCH_BRANCH = TORCH_NAMES  # our branch kind -> its module name in a DiverseBranchBlock
 
 
 class ConversionError(ToolError):
@@ -111,7 +110,8 @@ def read_block(reader: KeyReader, module: str, blocks: dict):
     for branch in BRANCH_NAMES:
         where = f"{module}.{TORCH_BRANCH[branch]}"
         if branch == "kxk" or reader.has_under(where):  # kxk is required
-            params[branch], stats[branch] = BRANCH_READERS[branch](reader, where, blocks)
+            read = BRANCH_READERS.get(branch, read_conv_bn)
+            params[branch], stats[branch] = read(reader, where, blocks)
     blocks[module] = tuple(params)
     return params, stats
 
@@ -157,8 +157,9 @@ def read_id(reader, where, blocks):
     return {"bn": bn_p}, {"bn": bn_s}
 
 
-BRANCH_READERS = {"kxk": read_kxk, "1x1": read_conv_bn, "1xk": read_conv_bn,
-                  "kx1": read_conv_bn, "1x1_kxk": read_1x1_kxk, "1x1_avg": read_1x1_avg,
+# How each kind's tensors are named inside its torch module; a kind not listed is read as
+# one bias-free conv then a BN (`conv.weight`, `bn.*`).
+BRANCH_READERS = {"kxk": read_kxk, "1x1_kxk": read_1x1_kxk, "1x1_avg": read_1x1_avg,
                   "id": read_id}
 
 
