@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import jax.numpy as jnp
 
 from dyrep_jax.rep import RepError, fold_bn, fuse_slot
-from dyrep_jax.rep.fuse import identity_kernel, pad_to_kxk
+from dyrep_jax.rep.kernels import identity_kernel, pad_to_kxk
 from dyrep_jax.rep.tree import is_slot
 
 
