@@ -15,11 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dyrep_jax import saliency
+from dyrep_jax import models, saliency
+from dyrep_jax.dyrep import eligible_slots
+from dyrep_jax.models import layers as model_layers
 from dyrep_jax.rep import EPS, ConvGeometry, apply_slot, grow_slot
 from dyrep_jax.rep import apply as rep_apply
 from dyrep_jax.rep import bn as rep_bn
 from dyrep_jax.rep import fast as rep_fast
+from dyrep_jax.rep.introspect import slot_geometries
 from dyrep_jax.rep.tree import get_at
 
 
@@ -33,7 +36,7 @@ class _WideNumpy:
 @contextlib.contextmanager
 def float64_rep():
     """x64 on, and the rep modules' float32 casts made float64 (reference runs only)."""
-    modules = (rep_bn, rep_apply, rep_fast)
+    modules = (rep_bn, rep_apply, rep_fast, model_layers)
     saved = [m.jnp for m in modules]
     try:
         with jax.enable_x64(True):
@@ -199,3 +202,60 @@ def test_accumulate_jits_without_host_sync():
                                                                  "synflow_stable", r))
     out = step(jnp.zeros(1), params, params, stats, after, jax.random.PRNGKey(0))
     assert float(out[0]) == pytest.approx(4 * EPS / (2.0 + EPS), rel=1e-4)
+
+
+def test_score_plan_on_models():
+    """Every eligible slot of a ResNet has its BN; the BN-less (DBB-style) 3x3 convs fall back."""
+    for with_bn, expect_bn in ((True, True), (False, False)):
+        model = models.create_model("resnet18_cifar", 10, 0.0625, with_bn_after_3x3=with_bn)
+        variables = jax.eval_shape(
+            lambda m=model: models.init_variables(m, jax.random.PRNGKey(0), (8, 8, 3)))
+        paths = eligible_slots(variables["params"])
+        plan = saliency.score_plan(variables["params"], paths)
+        assert len(plan) == 17
+        assert all((bn is not None) == expect_bn for _, bn in plan), plan
+        if expect_bn:
+            assert plan[1] == (("layer1_0", "conv1", "conv"), ("layer1_0", "conv1", "bn"))
+
+
+def network_scores(variables, dtype):
+    """(naive in `dtype`, stable) accumulated over 2 steps of a tiny ResNet."""
+    model = models.create_model("resnet18_cifar", 10, 0.0625, dtype=dtype)
+    cast = lambda t: jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), t)  # noqa: E731
+    params, stats = cast(variables["params"]), cast(variables["batch_stats"])
+    paths = eligible_slots(params)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 8, 8, 3), jnp.float32).astype(dtype)
+    y = jnp.array([[0, 1, 2, 3], [4, 5, 6, 7]])
+    counts = saliency.bn_counts(slot_geometries(model, variables, x[0]), paths, 4)
+    assert counts[-1] == 4  # layer4 at 1x1: the n/(n-1) correction is 4/3 here
+
+    @jax.jit
+    def step(p, s, xb, yb):
+        (_, new_stats), grads = jax.value_and_grad(loss, has_aux=True)(p, s, xb, yb)
+        naive = jnp.stack([jnp.sum(get_at(grads, q)["kernel"] * get_at(p, q)["kernel"])
+                           for q in paths])
+        stable = saliency.slot_scores(grads, p, s, new_stats, paths, "synflow_stable",
+                                      jax.random.PRNGKey(0), counts)
+        return naive, stable, new_stats
+
+    def loss(p, s, xb, yb):
+        logits, upd = model.apply({"params": p, "batch_stats": s}, xb, train=True,
+                                  mutable=["batch_stats"])
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), yb]), upd["batch_stats"]
+
+    naive, stable = 0.0, 0.0
+    for xb, yb in zip(x, y, strict=True):  # weights fixed, running stats carried
+        step_naive, step_stable, stats = step(params, stats, xb, yb)
+        naive, stable = naive + step_naive, stable + step_stable
+    return np.asarray(naive, np.float64), np.asarray(stable, np.float64)
+
+
+def test_network_stable_float32_matches_float64_naive():
+    model = models.create_model("resnet18_cifar", 10, 0.0625)
+    variables = models.init_variables(model, jax.random.PRNGKey(0), (8, 8, 3))  # float32 draw
+    with float64_rep():
+        naive64, stable64 = network_scores(variables, jnp.float64)
+    np.testing.assert_allclose(stable64, naive64, rtol=1e-4, atol=1e-12)
+    _, stable32 = network_scores(variables, jnp.float32)
+    scale = np.max(np.abs(naive64))
+    np.testing.assert_allclose(stable32, naive64, rtol=1e-2, atol=1e-4 * scale)
