@@ -15,9 +15,11 @@ Metrics (one float32 per eligible slot and step, summed until an adjustment):
   no cancellation and is made of float32 quantities even under bf16 compute.
   s_c^2 comes from the BN's running-variance update (PyTorch: new = (1-m) old + m *
   unbiased batch var) and the count of values it normalized (`bn_counts`), see
-  `batch_var_from_update`. A slot not followed directly by a
-  train-mode BN (a BN-less conv, e.g. the static DBB baseline or RepVGG before it is
-  grown) falls back to the naive formula; `score_plan` lists which.
+  `batch_var_from_update`; this assumes the step ran that BN in train mode with
+  momentum MOMENTUM (as every training forward does). A slot not followed directly
+  by a BN (a plain slot in a ConvBN without BN: RepVGG, or `with_bn_after_3x3=False`;
+  slots nested in blocks always have their branch BN) falls back to the naive
+  formula; `score_plan` lists which.
 - `snip`: sum(|grad_W * W|); `grad_norm`: ||grad_W||; `random`: U(0, 1).
 - `synflow`: the name experiments use; it means `SYNFLOW` (see its comment).
 """

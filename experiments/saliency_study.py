@@ -287,7 +287,27 @@ def study_model(name, data, args):
     say("### Metric agreement")
     say()
     report_agreement(runs, names)
+    if args.long:
+        report_long_interval(name, args, data, variables, paths, counts, names)
     return runs, names
+
+
+def report_long_interval(name, args, data, variables, paths, counts, names):
+    """Stability again with `--long` times the batches per interval (float32 and bf16)."""
+    k = args.interval * args.long
+    say(f"### Stability over a {args.long}x longer interval ({k} batches of {args.batch})")
+    say()
+    rows = []
+    for prec in ("float32", "bf16"):
+        runs = {seed: score_interval(name, args.width, variables,
+                                     scoring_batches(data, seed, k, args.batch), prec, paths,
+                                     counts) for seed in (11, 12)}
+        for m in METRICS:
+            a, b = runs[11][m], runs[12][m]
+            rows.append([prec, m, names[top1(a)], names[top1(b)],
+                         "yes" if top1(a) == top1(b) else "**no**", f"{spearman(a, b):.3f}"])
+    table(["compute", "metric", "top-1 seed C", "top-1 seed D", "repeats",
+           "Spearman C vs D"], rows)
 
 
 def make_bench_step(model, tx, paths, counts, metric, mean, std):
@@ -328,6 +348,7 @@ def bench(name, data, args):
     states = {k: fresh({**variables, "opt_state": tx.init(variables["params"]),
                         "scores": jnp.zeros(len(paths))}) for k in variants}
     xb, yb = jnp.asarray(images[:batch]), jnp.asarray(labels[:batch])
+    costs = {k: compiled_cost(steps[k], states[k], xb, yb) for k in variants}
     times = {k: [] for k in variants}
     for r in range(args.bench_rounds + 1):
         for k in variants:
@@ -342,9 +363,19 @@ def bench(name, data, args):
         f"{args.bench_steps} steps")
     say()
     base = np.median(times["synflow_naive"])
-    table(["scoring", "median step ms", "min step ms", "vs synflow_naive"],
+    best = np.min(times["synflow_naive"])
+    table(["scoring", "median step ms", "min step ms", "median vs naive", "min vs naive",
+           "XLA flops", "XLA bytes accessed"],
           [[k, f"{1e3 * np.median(v):.1f}", f"{1e3 * np.min(v):.1f}",
-            f"{100 * (np.median(v) / base - 1):+.1f}%"] for k, v in times.items()])
+            f"{100 * (np.median(v) / base - 1):+.1f}%", f"{100 * (np.min(v) / best - 1):+.1f}%",
+            f"{costs[k][0]:.4g}", f"{costs[k][1]:.4g}"] for k, v in times.items()])
+
+
+def compiled_cost(step, state, xb, yb):
+    """(flops, bytes accessed) of the compiled step, from XLA's cost analysis."""
+    cost = step.lower(state, xb, yb, jax.random.PRNGKey(0)).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("flops", np.nan)), float(cost.get("bytes accessed", np.nan))
 
 
 def write_page(path: Path, command: str):
@@ -366,6 +397,8 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--interval", type=int, default=8, help="batches scored per run")
+    parser.add_argument("--long", type=int, default=0,
+                        help="also check stability over this many times longer intervals")
     parser.add_argument("--bench", action="store_true", help="also time naive vs stable")
     parser.add_argument("--bench-only", action="store_true")
     parser.add_argument("--bench-model", default="resnet18_cifar")
