@@ -369,6 +369,32 @@ def bench(name, data, args):
           [[k, f"{1e3 * np.median(v):.1f}", f"{1e3 * np.min(v):.1f}",
             f"{100 * (np.median(v) / base - 1):+.1f}%", f"{100 * (np.min(v) / best - 1):+.1f}%",
             f"{costs[k][0]:.4g}", f"{costs[k][1]:.4g}"] for k, v in times.items()])
+    alone = time_scoring_alone(model, variables, paths, counts, xb, yb, 200)
+    say("The scoring computation alone (jitted on its own from one step's gradients, "
+        "200 interleaved calls):")
+    say()
+    table(["scoring", "median ms", "min ms", "median as % of the naive step's median"],
+          [[m, f"{a:.3f}", f"{b:.3f}", f"{100 * a / (1e3 * base):.2f}%"]
+           for m, (a, b) in alone.items()])
+
+
+def time_scoring_alone(model, variables, paths, counts, xb, yb, reps: int):
+    """Median/min ms of the scoring computation by itself (from fixed grads), per metric."""
+    (_, after), grads = jax.value_and_grad(
+        lambda p: loss_fn(model, p, variables["batch_stats"], xb.astype(jnp.float32) / 255.0,
+                          yb), has_aux=True)(variables["params"])
+    args = (grads, variables["params"], variables["batch_stats"], after)
+    fns = {m: jax.jit(lambda g, p, b, a, m=m: saliency.slot_scores(
+        g, p, b, a, paths, m, jax.random.PRNGKey(0), counts)) for m in
+        ("synflow_naive", "synflow_stable")}
+    times = {m: [] for m in fns}
+    for r in range(reps + 1):
+        for m, fn in fns.items():
+            start = time.perf_counter()
+            fn(*args).block_until_ready()
+            if r > 0:
+                times[m].append(1e3 * (time.perf_counter() - start))
+    return {m: (np.median(v), np.min(v)) for m, v in times.items()}
 
 
 def compiled_cost(step, state, xb, yb):
