@@ -262,7 +262,7 @@ def study_model(name, data, args):
     say(f"  trained {args.epochs} epochs on {len(data[0])} images in "
         f"{time.perf_counter() - start:.0f}s")
     paths = eligible_slots(variables["params"])
-    names = [dotted(p).replace(".conv", "") for p in paths]
+    names = [dotted(p[:-1] if p[-1] == "conv" else p) for p in paths]  # ConvBN unit names
     x_spec = jax.ShapeDtypeStruct((args.batch, 32, 32, 3), jnp.float32)
     counts = saliency.bn_counts(slot_geometries(model, variables, x_spec), paths, args.batch)
     plan = saliency.score_plan(variables["params"], paths)
