@@ -52,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.dyrep = ml_collections.ConfigDict()
     c.dyrep.mode = "dyrep"  # plain | dbb | rep | dyrep
-    c.dyrep.metric = "synflow"  # synflow | snip | grad_norm | random
+    c.dyrep.metric = "synflow"  # synflow (= synflow_stable) | synflow_naive | snip | grad_norm | random
     c.dyrep.adjust_interval = 15  # epochs between adjustments
     c.dyrep.max_adjust_epochs = 500  # no adjustment (nor recalibration) after this epoch
     c.dyrep.grow_topk = 1  # slots grown per adjustment

@@ -1,6 +1,6 @@
 """The DyRep controller: saliency scores, when and what to grow, Dep, decisions as data.
 
-Scores are accumulated inside the jitted train step (`accumulate_scores`), one
+Scores are accumulated inside the jitted train step (`saliency.accumulate`), one
 float per eligible slot, from the same gradients the optimizer uses. The host
 only reads them at an adjustment. `adjust` is a pure-ish host function
 `variables -> (variables, decisions)`: it decides, and `rep` transforms.
@@ -28,10 +28,10 @@ from dyrep_jax.rep.grow import regrow_matching
 from dyrep_jax.rep.introspect import slot_geometries
 from dyrep_jax.rep.network import cut_at, geometry_at, grow_at
 from dyrep_jax.rep.tree import all_slots, dotted, get_at, is_block_node, set_at
+from dyrep_jax.saliency import METRICS
 
 log = logging.getLogger("dyrep_jax")
 
-METRICS = ("synflow", "snip", "grad_norm", "random")
 MODES = ("plain", "dbb", "rep", "dyrep")
 
 
@@ -46,32 +46,6 @@ def eligible_slots(params) -> list[tuple]:
         if kh == kw and kh > 1:
             out.append(path)
     return out
-
-
-def slot_score(metric: str, grad, weight, rng=None):
-    """Saliency of one conv from its kernel gradient (float32 scalar)."""
-    g, w = grad.astype(jnp.float32), weight.astype(jnp.float32)
-    if metric == "synflow":
-        return jnp.sum(g * w)
-    if metric == "snip":
-        return jnp.sum(jnp.abs(g * w))
-    if metric == "grad_norm":
-        return jnp.sqrt(jnp.sum(g * g))
-    if metric == "random":
-        return jax.random.uniform(rng, ())
-    raise ValueError(f"unknown saliency metric '{metric}' (valid: {', '.join(METRICS)})")
-
-
-def accumulate_scores(scores, grads, params, paths, metric: str, rng):
-    """scores + this step's score of every eligible slot (jit-friendly)."""
-    if not paths:
-        return scores
-    keys = jax.random.split(rng, len(paths))
-    step = jnp.stack([
-        slot_score(metric, get_at(grads, p)["kernel"], get_at(params, p)["kernel"], k)
-        for p, k in zip(paths, keys, strict=True)
-    ])
-    return scores + step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,8 +218,12 @@ class Controller:
         return None
 
     def geometries(self, variables) -> dict:
+        return {k: v.geometry for k, v in self.slot_infos(variables).items()}
+
+    def slot_infos(self, variables) -> dict:
+        """{top-level slot path: SlotInfo(geometry, input shape)} for one image."""
         x = jax.ShapeDtypeStruct((1, *self.image_shape), jnp.float32)
-        return {k: v.geometry for k, v in slot_geometries(self.model, variables, x).items()}
+        return slot_geometries(self.model, variables, x)
 
     def _adjust(self, epoch_done, variables, scores, step):
         start = time.perf_counter()

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dyrep_jax import saliency
 from dyrep_jax.data import augment_on_device, normalize_images
-from dyrep_jax.dyrep import accumulate_scores
 from dyrep_jax.state import TrainState
 
 log = logging.getLogger("dyrep_jax")
@@ -29,8 +29,12 @@ def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0
 
 
 def make_train_step(model, tx, schedule, *, eligible, metric, num_classes, label_smoothing,
-                    mean, std, augment_kind, dtype, fail_at_step=-1):
-    """(TrainState, images uint8, labels, rng) -> (TrainState, metrics) for one structure."""
+                    mean, std, augment_kind, dtype, fail_at_step=-1, bn_counts=None):
+    """(TrainState, images uint8, labels, rng) -> (TrainState, metrics) for one structure.
+
+    `bn_counts`: values per channel of each eligible slot's following BN
+    (`saliency.bn_counts`), for the exact batch variance of stable synflow.
+    """
 
     def train_step(state, images, labels, rng):
         aug_key, score_key = jax.random.split(rng)
@@ -47,8 +51,9 @@ def make_train_step(model, tx, schedule, *, eligible, metric, num_classes, label
             state["params"])
         if fail_at_step >= 0:  # test hook: a NaN loss at one step
             loss = jnp.where(state["step"] == fail_at_step, jnp.nan, loss)
-        scores = accumulate_scores(state["scores"], grads, state["params"], eligible, metric,
-                                   score_key)
+        scores = saliency.accumulate(state["scores"], grads, state["params"],
+                                     state["batch_stats"], batch_stats, eligible, metric,
+                                     score_key, bn_counts)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new_state = TrainState(
             params=optax.apply_updates(state["params"], updates), batch_stats=batch_stats,

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from dyrep_jax import checkpoint as ckpt
-from dyrep_jax import models
+from dyrep_jax import models, saliency
 from dyrep_jax.dyrep import Controller, ControllerConfig
 from dyrep_jax.experiment import Experiment, Placement, to_host, validate_config
 from dyrep_jax.optim import make_optimizer, make_schedule, remap_opt_state
@@ -119,8 +119,14 @@ class Trainer:
 
     def compiled_train_step(self, state, images, labels, rng):
         exp = self.exp
+        eligible = self.ctrl.eligible(state["params"])
+        counts = None
+        if eligible:
+            infos = self.ctrl.slot_infos(variables_of(state))
+            group = self.config.model.bn_group_size or images.shape[0]
+            counts = saliency.bn_counts(infos, eligible, group)
         fn = make_train_step(
-            exp.model, self.tx, self.schedule, eligible=self.ctrl.eligible(state["params"]),
+            exp.model, self.tx, self.schedule, eligible=eligible, bn_counts=counts,
             metric=self.ctrl.cfg.metric, num_classes=exp.num_classes,
             label_smoothing=self.config.optim.label_smoothing, mean=exp.mean, std=exp.std,
             augment_kind=exp.inp.device_augment, dtype=exp.dtype,
