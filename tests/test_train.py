@@ -132,7 +132,8 @@ def test_sigterm_saves_mid_epoch_and_resume_is_exact(straight_run, tmp_path):
         "r = train.run(tiny_config(), {!r})\n"
         "print('RESULT', r['status'], flush=True)\n"
     ).format(ROOT, os.path.join(ROOT, "tests"), workdir)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+    # the same simulated device count as this process: the programs compile alike
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={jax.device_count()}",
            "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
