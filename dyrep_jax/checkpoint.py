@@ -92,7 +92,8 @@ def _as_host(tree):
     return jax.tree_util.tree_map(np.asarray, tree)
 
 
-def _restore_step(manager, step: int, make_opt_template) -> Restored:
+def restore_step(manager, step: int, make_opt_template=None) -> Restored:
+    """Checkpoint `step` (raises if it cannot be read); see `restore` for the template."""
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
     item = _as_host(dict(restored["state"]))
@@ -114,7 +115,7 @@ def restore(manager, make_opt_template=None) -> Restored | None:
     errors = []
     for step in sorted(manager.all_steps(), reverse=True):
         try:
-            found = _restore_step(manager, step, make_opt_template)
+            found = restore_step(manager, step, make_opt_template)
         except Exception as exc:  # noqa: BLE001 - any read failure means "try the previous one"
             log.warning("checkpoint at step %d could not be restored (%s: %s); trying the "
                         "previous one", step, type(exc).__name__, str(exc).splitlines()[0][:200])

@@ -50,24 +50,35 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.label_smoothing = 0.0
     c.optim.grad_clip_norm = 0.0  # 0 = off
 
-    c.dyrep = ml_collections.ConfigDict()
-    c.dyrep.mode = "dyrep"  # plain | dbb | rep | dyrep
-    c.dyrep.metric = "synflow"  # synflow (= synflow_stable) | synflow_naive | snip | grad_norm | random
-    c.dyrep.adjust_interval = 15  # epochs between adjustments
-    c.dyrep.max_adjust_epochs = 500  # no adjustment (nor recalibration) after this epoch
-    c.dyrep.grow_topk = 1  # slots grown per adjustment
-    c.dyrep.calib_batches = 20  # training batches for BN calibration of a new block
-    c.dyrep.dep_std_threshold = 0.02  # Dep acts when std of branch importances exceeds this
-    c.dyrep.dep_abs_threshold = 0.1  # ...and cuts branches below the mean and below this
-    c.dyrep.recal_bn_every_epoch = False  # recalibrate all BNs after epochs without adjustment
-    c.dyrep.recal_bn_batches = 200  # training batches for that recalibration (cumulative mean)
-
-    c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.keep = 3  # latest N checkpoints kept (plus the best by test top-1)
-    c.checkpoint.async_save = True
+    c.dyrep = dyrep_fields()
+    c.checkpoint = checkpoint_fields()
 
     c.num_devices = 0  # 0 = all devices (of all hosts); N = first N local devices (1 host)
     c.log_every_steps = 50  # progress line (loss, images/s, ETA) every N steps
     c.compilation_cache_dir = ""  # "" = off; a path enables JAX's persistent compile cache
     c.debug_fail_at_step = -1  # testing only: inject a NaN loss at this global step
     return c
+
+
+def dyrep_fields() -> ml_collections.ConfigDict:
+    """`config.dyrep`: the controller (dyrep.ControllerConfig reads these)."""
+    d = ml_collections.ConfigDict()
+    d.mode = "dyrep"  # plain | dbb | rep | dyrep
+    d.metric = "synflow"  # synflow (= synflow_stable) | synflow_naive | snip | grad_norm | random
+    d.adjust_interval = 15  # epochs between adjustments
+    d.max_adjust_epochs = 500  # no adjustment (nor recalibration) after this epoch
+    d.grow_topk = 1  # slots grown per adjustment
+    d.calib_batches = 20  # training batches for BN calibration of a new block
+    d.dep_std_threshold = 0.02  # Dep acts when std of branch importances exceeds this
+    d.dep_abs_threshold = 0.1  # ...and cuts branches below the mean and below this
+    d.recal_bn_every_epoch = False  # recalibrate all BNs after epochs without adjustment
+    d.recal_bn_batches = 200  # training batches for that recalibration (cumulative mean)
+    return d
+
+
+def checkpoint_fields() -> ml_collections.ConfigDict:
+    """`config.checkpoint`: what checkpoint.make_manager keeps and how it saves."""
+    k = ml_collections.ConfigDict()
+    k.keep = 3  # latest N checkpoints kept (plus the best by test top-1)
+    k.async_save = True
+    return k

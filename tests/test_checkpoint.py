@@ -86,7 +86,7 @@ def test_arch_record_has_every_field_tools_read(tmp_path):
 
 
 def fixture_config():
-    return tiny_config(**{"model.width": 0.0625, "checkpoint.keep": 1})
+    return tiny_config(**{"model.width": 0.0625, "checkpoint.keep": 1, "data.augment": "cifar"})
 
 
 def test_checkpoint_written_by_67bf3a2_restores_and_resumes(tmp_path):

@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 from rep_helpers import randomize_bn_params, randomize_stats
+from train_helpers import branchwise_logits
 
 from dyrep_jax import models
 from dyrep_jax.calibration import calibrate_block, calibrate_network
@@ -53,7 +54,8 @@ def ctrl_config(**overrides) -> ControllerConfig:
 
 
 def logits_of(model, variables, images):
-    return model.apply(variables, images, train=False)
+    """Inference logits from the branchwise reference (not the fused path under test)."""
+    return branchwise_logits(model, variables, images)
 
 
 def test_eligible_slots_rules(tiny):

@@ -5,6 +5,7 @@ import re
 
 import jax
 import numpy as np
+from train_helpers import branchwise_logits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,6 +19,9 @@ def test_readme_python_api_snippet_runs():
     scope = {"images": images}
     exec(compile(code, "README.md", "exec"), scope)  # noqa: S102
     np.testing.assert_allclose(scope["deploy_logits"], scope["logits"], atol=1e-3)
+    grown = {"params": scope["params"], "batch_stats": scope["stats"]}
+    reference = branchwise_logits(scope["model"], grown, images)  # not the fused fast path
+    np.testing.assert_allclose(scope["deploy_logits"], reference, atol=1e-3)
     assert scope["rep"].structure_of(scope["params"])["layer1_0.conv1.conv"]
     assert jax.tree_util.tree_leaves(scope["fused"])
 

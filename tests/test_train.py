@@ -8,9 +8,10 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
-from train_helpers import tiny_config
+from train_helpers import branchwise_logits, tiny_config
 
 from dyrep_jax import checkpoint as ckpt
 from dyrep_jax import evaluate, train
@@ -65,6 +66,40 @@ def test_train_writes_metrics_structure_checkpoints_and_fused(straight_run):
     # the fused network has no BN and as many params as the plain network (+ conv biases)
     fused, arch = ckpt.load_fused(os.path.join(workdir, "fused"))
     assert "batch_stats" not in fused and arch["model"] == "resnet18_cifar"
+    assert arch["with_bn_after_3x3"] is True and arch["num_classes"] == 4
+
+
+def test_fused_export_equals_the_branchwise_training_network(straight_run):
+    from dyrep_jax import models
+
+    workdir, _ = straight_run
+    fused, arch = ckpt.load_fused(os.path.join(workdir, "fused"))
+    state, _ = train.Trainer(tiny_config(), workdir).restore()
+    variables = train.to_host({"params": state["params"], "batch_stats": state["batch_stats"]})
+    model = models.create_model("resnet18_cifar", num_classes=4, width=0.125)
+    deploy = models.create_model("resnet18_cifar", num_classes=4, width=0.125, deploy=True)
+    images = np.random.default_rng(0).normal(size=(8, 8, 8, 3)).astype(np.float32)
+    reference = branchwise_logits(model, variables, images)
+    got = deploy.apply(fused, images)
+    np.testing.assert_allclose(got, reference, atol=1e-4 * (1 + float(np.abs(reference).max())))
+
+
+def test_epoch_figure_is_the_post_adjust_evaluation(tmp_path, monkeypatch):
+    from dyrep_jax.experiment import Experiment
+    from dyrep_jax.rep.tree import structure_of
+
+    def grown_slots(self, model, variables, name):  # an "evaluation" that shows the structure
+        grown = len(structure_of(train.to_host(variables["params"])))
+        return float(grown), grown / 10
+
+    monkeypatch.setattr(Experiment, "evaluate", grown_slots)
+    train.run(tiny_config(), str(tmp_path))
+    first = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")][0]
+    assert first["epoch"] == 1 and first["structure_changes"] > 0
+    assert first["test_top1_before_adjust"] == 0.0  # before the grow
+    assert (first["test_loss"], first["test_top1"]) == (1.0, 0.1)  # after it
+    state, meta = train.Trainer(tiny_config(), str(tmp_path)).restore()
+    assert meta["best_test_top1"] >= 0.1  # the post-adjust figure entered the ranking
 
 
 def test_crash_and_resume_gives_identical_parameters(straight_run, tmp_path):
@@ -97,7 +132,8 @@ def test_sigterm_saves_mid_epoch_and_resume_is_exact(straight_run, tmp_path):
         "r = train.run(tiny_config(), {!r})\n"
         "print('RESULT', r['status'], flush=True)\n"
     ).format(ROOT, os.path.join(ROOT, "tests"), workdir)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+    # the same simulated device count as this process: the programs compile alike
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={jax.device_count()}",
            "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
@@ -208,3 +244,133 @@ def test_cli_rejects_unknown_override(tmp_path):
 def test_missing_dataset_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="npz"):
         train.run(tiny_config(**{"data.dataset": f"npz:{tmp_path}/nope.npz"}), str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def fixed_batch(n=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8),
+            rng.integers(0, 4, (n,), dtype=np.int32))
+
+
+def grow_two_slots(model, variables):
+    from dyrep_jax.dyrep import eligible_slots
+    from dyrep_jax.rep import allowed_branches
+    from dyrep_jax.rep.introspect import slot_geometries
+    from dyrep_jax.rep.network import grow_at
+
+    x = jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32)
+    geoms = {k: v.geometry for k, v in slot_geometries(model, variables, x).items()}
+    params, stats = variables["params"], variables["batch_stats"]
+    for i, path in enumerate(eligible_slots(params)[:2]):
+        params, stats = grow_at(jax.random.PRNGKey(i), params, stats, path, geoms[path],
+                                allowed_branches(geoms[path]))
+    return {"params": params, "batch_stats": stats}
+
+
+@pytest.mark.parametrize("grown", [False, True], ids=["plain", "grown"])
+def test_train_steps_lower_the_loss_on_a_fixed_batch(grown):
+    from dyrep_jax import models
+    from dyrep_jax.optim import cosine_schedule, make_optimizer
+    from dyrep_jax.state import new_train_state
+    from dyrep_jax.steps import cross_entropy, make_train_step
+
+    model = models.create_model("resnet18_cifar", num_classes=4, width=0.125)
+    variables = models.init_variables(model, jax.random.PRNGKey(0), (8, 8, 3))
+    if grown:
+        variables = grow_two_slots(model, variables)
+    mean, std = jnp.full((3,), 0.5), jnp.full((3,), 0.25)
+    schedule = cosine_schedule(0.05, 100)
+    tx = make_optimizer(schedule=schedule, momentum=0.9)
+    step = jax.jit(make_train_step(
+        model, tx, schedule, eligible=[], metric="synflow", num_classes=4, label_smoothing=0.0,
+        mean=mean, std=std, augment_kind="none", dtype=jnp.float32))
+    images, labels = fixed_batch()
+
+    def loss_of(state):  # computed here, not by the step
+        x = (jnp.asarray(images, jnp.float32) / 255 - mean) / std
+        logits, _ = model.apply({"params": state["params"], "batch_stats": state["batch_stats"]},
+                                x, train=True, mutable=["batch_stats"])
+        return float(cross_entropy(logits, labels, 4).mean())
+
+    state = new_train_state(variables, tx.init(variables["params"]), num_scores=0)
+    before = loss_of(state)
+    losses = []
+    for i in range(6):
+        state, metrics = step(state, images, labels, jax.random.PRNGKey(i))
+        losses.append(float(metrics["loss"]))
+    assert losses[0] == pytest.approx(before, rel=1e-4)  # the step reports the loss it took
+    assert loss_of(state) < 0.8 * before, (before, losses, loss_of(state))
+    assert int(state["step"]) == 6
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def preempting(at):
+    """A Trainer.log_progress that raises the SIGTERM flag at (epoch, step in epoch)."""
+    original = train.Trainer.log_progress
+
+    def log_progress(self, host_sums, seen, epoch, step_in_epoch, rate):
+        original(self, host_sums, seen, epoch, step_in_epoch, rate)
+        if (epoch, step_in_epoch) == at:
+            self.preempted = True
+
+    return log_progress
+
+
+def test_resume_between_two_adjustments_is_exact(tmp_path, monkeypatch):
+    # adjustments after epochs 2 and 4; snip scores (non-zero, unlike synflow through BN)
+    cfg = dict(num_epochs=5, **{"dyrep.adjust_interval": 2, "dyrep.metric": "snip"})
+    straight = str(tmp_path / "straight")
+    assert train.run(tiny_config(**cfg), straight)["status"] == "done"
+    workdir = str(tmp_path / "resumed")
+    for at in ((1, 1), (2, 2)):  # preempted in epoch 2 (before the first adjustment), in epoch 3
+        with monkeypatch.context() as m:
+            m.setattr(train.Trainer, "log_progress", preempting(at))
+            assert train.run(tiny_config(**cfg), workdir)["status"] == "preempted"
+        state, meta = train.Trainer(tiny_config(**cfg), workdir).restore()
+        assert (meta["epoch"], meta["step_in_epoch"]) == (at[0], at[1] + 1)
+        steps_since_adjust = at[1] + 1 + (4 if at[0] == 1 else 0)  # reset by the adjustment
+        assert int(train.to_host(state["score_steps"])) == steps_since_adjust
+    assert train.run(tiny_config(**cfg), workdir)["status"] == "done"
+    a, _ = final_params(straight, tiny_config(**cfg))
+    b, _ = final_params(workdir, tiny_config(**cfg))
+    assert_trees_equal(a, b)
+
+    def decisions(d):
+        return [json.loads(x) for x in open(os.path.join(d, "structure.jsonl"))]
+
+    ref = decisions(straight)
+    assert sorted({r["epoch"] for r in ref}) == [2, 4]
+    assert any(r.get("score", 0) > 0 for r in ref)
+    assert [(r["slot"], r.get("score"), r.get("top_scores")) for r in decisions(workdir)] == \
+        [(r["slot"], r.get("score"), r.get("top_scores")) for r in ref]
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def test_evaluation_masks_padding_on_eight_devices():
+    if jax.device_count() < 8:
+        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    from dyrep_jax import models
+    from dyrep_jax.experiment import Experiment
+    from dyrep_jax.steps import cross_entropy
+
+    cfg = tiny_config(num_devices=8, **{"data.dataset": "synthetic:8,8,3,4,64,36"})
+    exp = Experiment(cfg, "/tmp/unused-eval-workdir")
+    assert exp.place.num_devices == 8 and exp.inp.num_test % cfg.eval_batch_size != 0
+    variables = models.init_variables(exp.model, jax.random.PRNGKey(3), exp.image_shape)
+    loss, top1 = exp.evaluate(exp.model, exp.place.replicate(variables), "eval")
+    rows = [b for b in exp.inp.eval_iter()]
+    keep = np.concatenate([np.asarray(b["mask"]) for b in rows]).astype(bool)
+    images = np.concatenate([b["image"] for b in rows])[keep]
+    labels = np.concatenate([b["label"] for b in rows])[keep]
+    assert len(labels) == exp.inp.num_test == 36
+    x = (jnp.asarray(images, jnp.float32) / 255 - exp.mean) / exp.std
+    logits = exp.model.apply(variables, x, train=False)
+    assert top1 == pytest.approx(float(np.mean(np.argmax(logits, -1) == labels)), abs=1e-6)
+    assert loss == pytest.approx(float(cross_entropy(logits, labels, 4).mean()), rel=1e-5)

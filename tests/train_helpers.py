@@ -1,6 +1,10 @@
 """A tiny end-to-end config: seconds per epoch on a CPU."""
 
+import contextlib
+from unittest import mock
+
 from dyrep_jax.config_base import base_config
+from dyrep_jax.rep.tree import structure_of
 
 
 def tiny_config(**overrides):
@@ -9,7 +13,7 @@ def tiny_config(**overrides):
     c.model.name = "resnet18_cifar"
     c.model.width = 0.125
     c.data.dataset = "synthetic:8,8,3,4,64,32"
-    c.data.augment = "cifar"
+    c.data.augment = "none"  # cifar (cutout 16 px) would blank 8x8 images entirely
     c.batch_size = 16
     c.eval_batch_size = 16
     c.num_epochs = 2
@@ -28,3 +32,31 @@ def tiny_config(**overrides):
             node = node[p]
         node[leaf] = value
     return c
+
+
+@contextlib.contextmanager
+def branchwise_slots():
+    """Run every model slot through the branch-by-branch reference `apply_slot_branchwise`,
+    so a training network's inference output is computed without the fused fast path.
+    Yields a list that counts the block slots it ran."""
+    from dyrep_jax.rep import module
+    from dyrep_jax.rep.apply import apply_slot_branchwise, is_block
+
+    blocks = []
+
+    def reference(params, stats, x, geom, train, *args, **kwargs):
+        if is_block(params):
+            blocks.append(geom)
+        return apply_slot_branchwise(params, stats, x, geom, train, *args, **kwargs)
+
+    with mock.patch.object(module, "apply_slot", reference):
+        yield blocks
+
+
+def branchwise_logits(model, variables, images):
+    """Inference-mode logits with every grown slot computed branch by branch."""
+    with branchwise_slots() as blocks:
+        logits = model.apply(variables, images, train=False)
+    grown = bool(structure_of(variables["params"]))
+    assert bool(blocks) == grown, "the branchwise reference did not run the grown slots"
+    return logits
