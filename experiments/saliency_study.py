@@ -35,9 +35,11 @@ from dyrep_jax.data.device_augment import augment_on_device  # noqa: E402
 from dyrep_jax.data.npz import load_npz_source  # noqa: E402
 from dyrep_jax.dyrep import eligible_slots  # noqa: E402
 from dyrep_jax.models import layers as model_layers  # noqa: E402
-from dyrep_jax.rep import apply as rep_apply  # noqa: E402
+from dyrep_jax.models import norm as model_norm  # noqa: E402
 from dyrep_jax.rep import bn as rep_bn  # noqa: E402
-from dyrep_jax.rep import fast as rep_fast  # noqa: E402
+from dyrep_jax.rep import kernels as rep_kernels  # noqa: E402
+from dyrep_jax.rep import ops as rep_ops  # noqa: E402
+from dyrep_jax.rep import share as rep_share  # noqa: E402
 from dyrep_jax.rep.introspect import slot_geometries  # noqa: E402
 from dyrep_jax.rep.tree import dotted, get_at  # noqa: E402
 
@@ -61,7 +63,7 @@ class _WideNumpy:
 @contextlib.contextmanager
 def float64_numerics():
     """x64 on and every float32 cast of BN, block and head code made float64."""
-    modules = (rep_bn, rep_apply, rep_fast, model_layers)
+    modules = (rep_bn, rep_ops, rep_share, rep_kernels, model_layers, model_norm)
     saved = [m.jnp for m in modules]
     try:
         with jax.enable_x64(True):

@@ -18,10 +18,12 @@ import pytest
 from dyrep_jax import models, saliency
 from dyrep_jax.dyrep import eligible_slots
 from dyrep_jax.models import layers as model_layers
+from dyrep_jax.models import norm as model_norm
 from dyrep_jax.rep import EPS, ConvGeometry, apply_slot, grow_slot
-from dyrep_jax.rep import apply as rep_apply
 from dyrep_jax.rep import bn as rep_bn
-from dyrep_jax.rep import fast as rep_fast
+from dyrep_jax.rep import kernels as rep_kernels
+from dyrep_jax.rep import ops as rep_ops
+from dyrep_jax.rep import share as rep_share
 from dyrep_jax.rep.introspect import slot_geometries
 from dyrep_jax.rep.tree import get_at
 
@@ -36,7 +38,7 @@ class _WideNumpy:
 @contextlib.contextmanager
 def float64_rep():
     """x64 on, and the rep modules' float32 casts made float64 (reference runs only)."""
-    modules = (rep_bn, rep_apply, rep_fast, model_layers)
+    modules = (rep_bn, rep_ops, rep_share, rep_kernels, model_layers, model_norm)
     saved = [m.jnp for m in modules]
     try:
         with jax.enable_x64(True):
