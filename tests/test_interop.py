@@ -77,7 +77,11 @@ class BNAndPad(nn.Module):
 
 
 class DBB(nn.Module):
-    """A grown conv with the reference's module names; `inner` nests blocks."""
+    """A grown conv with the reference's module names; `inner` nests blocks.
+
+    Branches are registered in the reference's order (1x1, 1x1_kxk, 1x1_avg, kxk, 1xk, kx1,
+    id), so `named_modules()` lists convs as the reference's growth bookkeeping sees them.
+    """
 
     def __init__(self, cin, cout, k, stride=1, pad=None, groups=1, branches=BRANCHES, inner=None):
         super().__init__()
@@ -91,9 +95,6 @@ class DBB(nn.Module):
 
         if "1x1" in self.branches:
             self.dbb_1x1 = Part(conv=conv(cin, cout, 1, stride, 0), bn=nn.BatchNorm2d(cout))
-        kxk = (DBB(cin, cout, k, stride, pad, groups, inner["kxk"]) if "kxk" in inner
-               else nn.Conv2d(cin, cout, k, stride, pad, groups=groups, bias=True))
-        self.dbb_kxk = Part(conv=kxk, bn=nn.BatchNorm2d(cout))
         if "1x1_kxk" in self.branches:
             conv2 = (DBB(cin, cout, k, stride, 0, groups, inner["1x1_kxk"]) if "1x1_kxk" in inner
                      else conv(cin, cout, k, stride, 0))
@@ -106,6 +107,9 @@ class DBB(nn.Module):
             else:  # depthwise: pool the input directly
                 self.dbb_1x1_avg = Part(avg=nn.AvgPool2d(k, stride, pad),
                                         avgbn=nn.BatchNorm2d(cout))
+        kxk = (DBB(cin, cout, k, stride, pad, groups, inner["kxk"]) if "kxk" in inner
+               else nn.Conv2d(cin, cout, k, stride, pad, groups=groups, bias=True))
+        self.dbb_kxk = Part(conv=kxk, bn=nn.BatchNorm2d(cout))
         if "1xk" in self.branches:
             self.dbb_1xk = Part(conv=nn.Conv2d(cin, cout, (1, k), stride, (0, pad), groups=groups,
                                                bias=False), bn=nn.BatchNorm2d(cout))
@@ -259,8 +263,18 @@ class RefMobileNetV1(nn.Module):
 # ----------------------------------------------------------------------------- helpers
 
 
-def randomized(model, seed):
-    """Random weights and non-trivial BN statistics everywhere; eval mode."""
+TINY_VARS = (0.0, 1e-7)  # BN channels 0 and 1: dead, near-zero variance
+
+
+def randomized(model, seed, tiny_var=True):
+    """Random weights and non-trivial BN statistics everywhere; eval mode.
+
+    With `tiny_var`, channel 0 of every BN is dead (running var 0) and channel 1 nearly so
+    (1e-7): there eps alone sets the scale, so a conversion or fusion that drops or changes
+    eps is off by 10x or infinitely. Their gammas are scaled by sqrt(var + eps) so that the
+    BN's effective gain stays in [0.5, 1.2], as on the other channels: the network's logits
+    keep their usual size and the existing tolerance holds unchanged.
+    """
     gen = torch.Generator().manual_seed(seed)
 
     def rand(shape, low, high):
@@ -275,6 +289,10 @@ def randomized(model, seed):
                 m.running_mean.copy_(rand(c, -0.3, 0.3))
                 m.running_var.copy_(rand(c, 0.5, 2.0))
                 m.num_batches_tracked.fill_(7)
+                if tiny_var:
+                    tiny = torch.tensor(TINY_VARS[:c])
+                    m.running_var[:len(tiny)] = tiny
+                    m.weight[:len(tiny)] *= torch.sqrt(tiny + m.eps)
             elif isinstance(m, nn.Conv2d | nn.Linear):
                 fan_in = m.weight[0].numel()
                 m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * (1.0 / fan_in) ** 0.5)
@@ -670,7 +688,8 @@ def reference_cut(block, names):
 
 def dep_block():
     """All seven kinds, a nested kxk block, chosen last-BN gammas, tiny BN variances."""
-    block = randomized(DBB(4, 4, 3, branches=BRANCHES, inner={"kxk": ("1x1", "id")}), seed=5)
+    block = randomized(DBB(4, 4, 3, branches=BRANCHES, inner={"kxk": ("1x1", "id")}), seed=5,
+                       tiny_var=False)  # its own tiny variances below, gammas as chosen
     signs = torch.tensor([1.0, -1.0, 1.0, -1.0])
     with torch.no_grad():
         for name, gamma in DEP_GAMMAS.items():
