@@ -18,6 +18,8 @@ import shutil
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -27,6 +29,7 @@ from torch import nn  # noqa: E402
 
 from dyrep_jax import checkpoint as ckpt  # noqa: E402
 from dyrep_jax.config_base import base_config  # noqa: E402
+from dyrep_jax.dyrep import eligible_slots, pick_slots  # noqa: E402
 from dyrep_jax.optim import cosine_schedule, make_optimizer  # noqa: E402
 from dyrep_jax.tools import export_torch, import_torch, predict  # noqa: E402
 from dyrep_jax.tools.convert import ConversionError, convert_state  # noqa: E402
@@ -77,7 +80,11 @@ class BNAndPad(nn.Module):
 
 
 class DBB(nn.Module):
-    """A grown conv with the reference's module names; `inner` nests blocks."""
+    """A grown conv with the reference's module names; `inner` nests blocks.
+
+    Branches are registered in the reference's order (1x1, 1x1_kxk, 1x1_avg, kxk, 1xk, kx1,
+    id), so `named_modules()` lists convs as the reference's growth bookkeeping sees them.
+    """
 
     def __init__(self, cin, cout, k, stride=1, pad=None, groups=1, branches=BRANCHES, inner=None):
         super().__init__()
@@ -91,9 +98,6 @@ class DBB(nn.Module):
 
         if "1x1" in self.branches:
             self.dbb_1x1 = Part(conv=conv(cin, cout, 1, stride, 0), bn=nn.BatchNorm2d(cout))
-        kxk = (DBB(cin, cout, k, stride, pad, groups, inner["kxk"]) if "kxk" in inner
-               else nn.Conv2d(cin, cout, k, stride, pad, groups=groups, bias=True))
-        self.dbb_kxk = Part(conv=kxk, bn=nn.BatchNorm2d(cout))
         if "1x1_kxk" in self.branches:
             conv2 = (DBB(cin, cout, k, stride, 0, groups, inner["1x1_kxk"]) if "1x1_kxk" in inner
                      else conv(cin, cout, k, stride, 0))
@@ -106,6 +110,9 @@ class DBB(nn.Module):
             else:  # depthwise: pool the input directly
                 self.dbb_1x1_avg = Part(avg=nn.AvgPool2d(k, stride, pad),
                                         avgbn=nn.BatchNorm2d(cout))
+        kxk = (DBB(cin, cout, k, stride, pad, groups, inner["kxk"]) if "kxk" in inner
+               else nn.Conv2d(cin, cout, k, stride, pad, groups=groups, bias=True))
+        self.dbb_kxk = Part(conv=kxk, bn=nn.BatchNorm2d(cout))
         if "1xk" in self.branches:
             self.dbb_1xk = Part(conv=nn.Conv2d(cin, cout, (1, k), stride, (0, pad), groups=groups,
                                                bias=False), bn=nn.BatchNorm2d(cout))
@@ -259,8 +266,18 @@ class RefMobileNetV1(nn.Module):
 # ----------------------------------------------------------------------------- helpers
 
 
-def randomized(model, seed):
-    """Random weights and non-trivial BN statistics everywhere; eval mode."""
+TINY_VARS = (0.0, 1e-7)  # BN channels 0 and 1: dead, near-zero variance
+
+
+def randomized(model, seed, tiny_var=True):
+    """Random weights and non-trivial BN statistics everywhere; eval mode.
+
+    With `tiny_var`, channel 0 of every BN is dead (running var 0) and channel 1 nearly so
+    (1e-7): there eps alone sets the scale, so a conversion or fusion that drops or changes
+    eps is off by 10x or infinitely. Their gammas are scaled by sqrt(var + eps) so that the
+    BN's effective gain stays in [0.5, 1.2], as on the other channels: the network's logits
+    keep their usual size and the existing tolerance holds unchanged.
+    """
     gen = torch.Generator().manual_seed(seed)
 
     def rand(shape, low, high):
@@ -275,6 +292,10 @@ def randomized(model, seed):
                 m.running_mean.copy_(rand(c, -0.3, 0.3))
                 m.running_var.copy_(rand(c, 0.5, 2.0))
                 m.num_batches_tracked.fill_(7)
+                if tiny_var:
+                    tiny = torch.tensor(TINY_VARS[:c])
+                    m.running_var[:len(tiny)] = tiny
+                    m.weight[:len(tiny)] *= torch.sqrt(tiny + m.eps)
             elif isinstance(m, nn.Conv2d | nn.Linear):
                 fan_in = m.weight[0].numel()
                 m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * (1.0 / fan_in) ** 0.5)
@@ -670,7 +691,8 @@ def reference_cut(block, names):
 
 def dep_block():
     """All seven kinds, a nested kxk block, chosen last-BN gammas, tiny BN variances."""
-    block = randomized(DBB(4, 4, 3, branches=BRANCHES, inner={"kxk": ("1x1", "id")}), seed=5)
+    block = randomized(DBB(4, 4, 3, branches=BRANCHES, inner={"kxk": ("1x1", "id")}), seed=5,
+                       tiny_var=False)  # its own tiny variances below, gammas as chosen
     signs = torch.tensor([1.0, -1.0, 1.0, -1.0])
     with torch.no_grad():
         for name, gamma in DEP_GAMMAS.items():
@@ -719,3 +741,153 @@ def test_dep_importance_decision_and_cut_match_the_reference():
         conv.weight.copy_(torch.tensor(np.asarray(plain["kernel"]).transpose(3, 2, 0, 1)))
         conv.bias.copy_(torch.tensor(np.asarray(plain["bias"])))
     assert_close(torch_logits(conv, x).transpose(0, 2, 3, 1), ref_out)
+
+
+# ----------------------------------------------------------------------------- Rep parity (#12)
+# The reference's growth choice, written out here: every nn.Conv2d with a square kernel > 1
+# whose module name holds "dbb" fewer than twice keeps a score, averaged since the last
+# adjustment, in a dict filled in `named_modules()` order (every such conv has a gradient
+# from the first step on). The dict's items are sorted high to low by a stable sort and the
+# first one grows, so a tie goes to the conv registered first. The grown block has all seven
+# branches when the conv pads by k // 2, else only 1x1_kxk, 1x1_avg and kxk; the identity
+# needs in == out channels and stride 1. Our side maps slot paths to torch module names
+# through `names.py` (the conv unit) and the DBB's module names (nested convs).
+
+NESTED_TORCH = {"kxk": "dbb_kxk", "1x1_kxk": "dbb_1x1_kxk"}  # branches holding a nested conv
+
+
+def reference_eligible(model):
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) and m.kernel_size[0] == m.kernel_size[1] > 1
+            and name.count("dbb") < 2]
+
+
+def reference_grow_choice(model, score_of):
+    records = {name: score_of[name] for name in reference_eligible(model)}
+    return sorted(records.items(), key=lambda item: item[1], reverse=True)[0][0]
+
+
+def reference_grown_branches(conv):
+    branches = set(BRANCHES)
+    if conv.padding[0] != conv.kernel_size[0] // 2:
+        branches -= {"1x1", "1xk", "kx1", "id"}
+    if conv.in_channels != conv.out_channels or conv.stride[0] != 1:
+        branches.discard("id")
+    return [b for b in BRANCHES if b in branches]
+
+
+def torch_name_of(path, naming):
+    """Our slot path (unit..., 'conv', [branch, conv key]...) -> the torch module name."""
+    cut = path.index("conv")
+    rest = path[cut + 1:]
+    nested = "".join(f".{NESTED_TORCH[b]}.{c}" for b, c in zip(rest[::2], rest[1::2],
+                                                                 strict=True))
+    return naming.unit(path[:cut]).conv + nested
+
+
+def our_grow_choice(params, naming, score_of):
+    """pick_slots over eligible_slots order, scores looked up by the slot's torch name."""
+    paths = eligible_slots(params)
+    scores = np.array([score_of[torch_name_of(p, naming)] for p in paths])
+    return torch_name_of(pick_slots(scores, paths, 1)[0], naming)
+
+
+def as_host_copy(params):
+    """Params as the trainer's host copy holds them (`to_host` is a tree_map)."""
+    return jax.tree_util.tree_map(np.asarray, params)
+
+
+GROW_MODELS = {"vgg16_cifar": lambda: RefVGG16(Builder(VGG_GROWN)),
+               "mobilenet_v1": lambda: RefMobileNetV1(Builder(MOBILENET_GROWN))}
+
+
+def grow_case(arch, resnet):
+    """(torch model, our imported params) of a grown network with the reference naming."""
+    if arch == "resnet18":
+        return resnet["model"], as_host_copy(load_network(resnet["dir"]).variables["params"])
+    from dyrep_jax.models import create_model
+
+    model = randomized(GROW_MODELS[arch](), seed=8)
+    template = abstract_variables(create_model(arch, num_classes=10, width=WIDTH), (32, 32, 3))
+    ref = parse_reference(model.state_dict())
+    converted = convert_state(ref.state, naming_for(arch), template["params"])
+    return model, as_host_copy(converted.variables["params"])
+
+
+def score_draws(names, trials, seed, levels=None):
+    """Random scores keyed by torch name: continuous, or from `levels` values (many ties)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(trials):
+        values = (rng.standard_normal(len(names)) if levels is None
+                  else rng.integers(0, levels, len(names)).astype(np.float64))
+        yield dict(zip(names, values.tolist(), strict=True))
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vgg16_cifar", "mobilenet_v1"])
+def test_same_scores_grow_the_same_conv_as_the_reference(arch, resnet):
+    model, params = grow_case(arch, resnet)
+    naming = naming_for(arch)
+    ref_names = reference_eligible(model)
+    ours = [torch_name_of(p, naming) for p in eligible_slots(params)]
+    assert sorted(ours) == sorted(ref_names) and len(set(ours)) == len(ours)
+    for name in ("conv1.dbb_kxk.conv", "layer1.0.conv1.dbb_1x1_kxk.conv2"):  # 7x7; pad 0
+        assert arch != "resnet18" or name in ours
+    for score_of in score_draws(ref_names, 200, seed=0):
+        assert our_grow_choice(params, naming, score_of) == reference_grow_choice(model, score_of)
+
+
+TIE_ORDER_DEVIATION = pytest.mark.xfail(strict=True, reason=(
+    "our tie order is eligible_slots(params) order, i.e. the params' sorted dict keys "
+    "(conv10 before conv2, block10 before block2, MobileNet's stem last); the reference's is "
+    "module registration order. Reported to the coordinator (issue 12)."))
+
+
+@pytest.mark.parametrize("arch", ["resnet18", pytest.param("vgg16_cifar", marks=TIE_ORDER_DEVIATION),
+                                  pytest.param("mobilenet_v1", marks=TIE_ORDER_DEVIATION)])
+def test_tied_scores_grow_the_conv_the_reference_registers_first(arch, resnet):
+    model, params = grow_case(arch, resnet)
+    naming = naming_for(arch)
+    ref_names = reference_eligible(model)
+    ties = 0
+    for score_of in [dict.fromkeys(ref_names, 0.0), *score_draws(ref_names, 200, 1, levels=3)]:
+        top = max(score_of.values())
+        ties += sum(v == top for v in score_of.values()) > 1
+        ours, theirs = our_grow_choice(params, naming, score_of), reference_grow_choice(
+            model, score_of)
+        assert ours == theirs, f"tie at {top}: we grow {ours}, the reference {theirs}"
+    assert ties > 100  # the draws do exercise ties
+    ours = [torch_name_of(p, naming) for p in eligible_slots(params)]
+    assert ours == ref_names
+
+
+def test_growing_the_reference_choice_keeps_the_imported_logits(resnet, images):
+    from dyrep_jax.calibration import calibrate_block
+    from dyrep_jax.dyrep import ControllerConfig, adjust
+    from dyrep_jax.rep.introspect import slot_geometries
+    from dyrep_jax.rep.tree import dotted, get_at
+
+    net = load_network(resnet["dir"])
+    variables, naming = as_host_copy(net.variables), naming_for("resnet18")
+    target = "layer1.0.conv1.dbb_1x1_kxk.conv2"  # nested and padding-free: the narrow rule
+    score_of = next(score_draws(reference_eligible(resnet["model"]), 1, seed=2))
+    score_of[target] = max(score_of.values()) + 1.0
+    assert reference_grow_choice(resnet["model"], score_of) == target
+    paths = eligible_slots(variables["params"])
+    scores = np.array([score_of[torch_name_of(p, naming)] for p in paths], np.float32)
+    x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    geoms = {k: v.geometry for k, v in slot_geometries(net.model, variables, x).items()}
+    calib = np.random.default_rng(3).standard_normal((2, 8, 32, 32, 3)).astype(np.float32)
+
+    def calibrate(current, path):
+        return calibrate_block(net.model, current, path, geoms, iter(calib))
+
+    cfg = ControllerConfig.from_config(base_config(), mode="rep", grow_topk=1, calib_batches=2)
+    new, decisions = adjust(jax.random.PRNGKey(0), variables, geoms, scores, paths, cfg,
+                            calibrate, grow=True, cut=False)
+    [record] = decisions
+    grown = next(p for p in paths if dotted(p) == record["slot"])
+    assert torch_name_of(grown, naming) == target
+    conv = resnet["model"].get_submodule(target)
+    assert list(get_at(new["params"], grown)) == reference_grown_branches(conv)
+    after = np.asarray(net.model.apply(new, images, train=False))  # torch is the reference
+    print("resnet18 grow at", target, "rel. error", assert_close(after, resnet["torch"]))
