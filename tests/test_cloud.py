@@ -45,7 +45,8 @@ def test_train_resume_export_and_eval_on_gcs(gcs_dir, gcs_emulator, tmp_path):  
 
     out = cli(*TINY, "--workdir", run, "--config.num_epochs=2", cwd=tmp_path)
     assert "resumed from step 4 (epoch 1, step 0 in epoch)" in out, out[-3000:]
-    records = [json.loads(x) for x in (gcs_dir / "run" / "metrics.jsonl").read_text().split()]
+    text = (gcs_dir / "run" / "metrics.jsonl").read_text()
+    records = [json.loads(line) for line in text.splitlines()]
     assert [r.get("epoch") for r in records] == [1, 2, None]  # the first final line was dropped
     assert records[-1]["final"]
     tb = scalars(read_run(gcs_dir / "run" / "tb"))
