@@ -99,3 +99,16 @@ def test_verbosity_and_log_dir(no_checkpoint_run, tmp_path):
     assert "devices: 1 (cpu)" in out
     logged = "".join(p.read_text() for p in (tmp_path / "logs").glob("dyrep_jax.*INFO*"))
     assert "devices: 1 (cpu)" in logged
+
+
+def test_eval_finds_a_fused_export_only_where_no_checkpoint_is(tmp_path):
+    from dyrep_jax.experiment import fused_only_dir
+
+    run = tmp_path / "run"
+    (run / "fused").mkdir(parents=True)
+    assert fused_only_dir(run) is None  # no arch.json yet: not an export
+    (run / "fused" / "arch.json").write_text('{"model": "resnet18_cifar"}')
+    assert str(fused_only_dir(run)) == str(run / "fused")  # a run with only fused/ left
+    assert str(fused_only_dir(run / "fused")) == str(run / "fused")  # the export itself
+    (run / "checkpoints").mkdir()
+    assert fused_only_dir(run) is None  # checkpoints win: eval the latest one, as before
