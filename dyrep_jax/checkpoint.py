@@ -29,6 +29,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from dyrep_jax.rep.tree import structure_of
@@ -61,7 +62,7 @@ def make_manager(directory: str, keep: int = 3, keep_best: bool = True,
         enable_async_checkpointing=async_save,
         create=True,
     )
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=ITEMS)
+    return ocp.CheckpointManager(_path(directory), options=options, item_names=ITEMS)
 
 
 def run_meta(*, epoch: int, step_in_epoch: int, best_test_top1: float, name: str, model: str,
@@ -135,7 +136,7 @@ def restore(manager, make_opt_template=None) -> Restored | None:
 
 def restore_dir(checkpoint_dir: str, make_opt_template=None) -> Restored | None:
     """`restore` of the checkpoints in a directory (read only: nothing is created)."""
-    if not os.path.isdir(checkpoint_dir):
+    if not _path(checkpoint_dir).exists():
         return None
     manager = make_manager(checkpoint_dir, async_save=False)
     try:
@@ -159,21 +160,25 @@ def arch_record(*, model: str, num_classes: int, width: float, dtype: str, image
     return {**arch, **extra}
 
 
+def _path(directory) -> epath.Path:
+    """Local paths made absolute; `gs://...` (any epath scheme) kept as is."""
+    text = os.fspath(directory)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
 def write_arch(directory: str, arch: dict) -> str:
-    path = os.path.join(directory, ARCH_FILE)
-    with open(path, "w") as f:
-        json.dump(arch, f, indent=2)
-    return path
+    path = _path(directory) / ARCH_FILE
+    path.write_text(json.dumps(arch, indent=2))
+    return str(path)
 
 
 def read_arch(directory: str) -> dict | None:
     """DIR/arch.json, or None if absent; ValueError when it is not an arch."""
-    path = os.path.join(directory, ARCH_FILE)
-    if not os.path.isfile(path):
+    path = _path(directory) / ARCH_FILE
+    if not path.exists():
         return None
     try:
-        with open(path) as f:
-            arch = json.load(f)
+        arch = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot read {path}: {exc}") from exc
     if not isinstance(arch, dict) or "model" not in arch:
@@ -183,10 +188,10 @@ def read_arch(directory: str) -> dict | None:
 
 def save_fused(directory: str, fused_variables: dict, arch: dict, write_arch_file: bool = True):
     """Deploy parameters (orbax, DIR/params) plus DIR/arch.json."""
-    directory = os.path.abspath(directory)
-    os.makedirs(directory, exist_ok=True)
+    directory = _path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.join(directory, "params"), _as_host(fused_variables), force=True)
+    ckptr.save(directory / "params", _as_host(fused_variables), force=True)
     ckptr.wait_until_finished()
     if write_arch_file:
         write_arch(directory, arch)
@@ -194,9 +199,9 @@ def save_fused(directory: str, fused_variables: dict, arch: dict, write_arch_fil
 
 def load_fused(directory: str):
     """(fused variables, arch) of a fused export."""
-    directory = os.path.abspath(directory)
+    directory = _path(directory)
     arch = read_arch(directory)
     if arch is None:
         raise FileNotFoundError(f"no {ARCH_FILE} in {directory}")
-    variables = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"))
+    variables = ocp.StandardCheckpointer().restore(directory / "params")
     return _as_host(variables), arch

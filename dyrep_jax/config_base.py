@@ -55,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.num_devices = 0  # 0 = all devices (of all hosts); N = first N local devices (1 host)
     c.log_every_steps = 50  # progress line (loss, images/s, ETA) every N steps
+    c.profile_steps = ""  # "A,B": jax.profiler trace of global steps A..B (1 = first) in DIR/profile/
     c.compilation_cache_dir = ""  # "" = off; a path enables JAX's persistent compile cache
     c.debug_fail_at_step = -1  # testing only: inject a NaN loss at this global step
     return c

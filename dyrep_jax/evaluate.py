@@ -11,7 +11,7 @@ import os
 
 from dyrep_jax import checkpoint as ckpt
 from dyrep_jax import models
-from dyrep_jax.experiment import Experiment
+from dyrep_jax.experiment import Experiment, evaluate_fused_export, fused_only_dir
 from dyrep_jax.state import variables_of
 
 log = logging.getLogger("dyrep_jax")
@@ -28,7 +28,10 @@ def _restored(config, workdir):
 
 
 def evaluate_latest(config, workdir) -> dict:
-    """Test accuracy of the latest checkpoint, unfused and fused."""
+    """Test accuracy of the latest checkpoint, unfused and fused (or of a fused/ export alone)."""
+    fused_dir = fused_only_dir(workdir)
+    if fused_dir is not None:
+        return evaluate_fused_export(config, fused_dir)
     exp, variables, meta = _restored(config, workdir)
     loss, top1 = exp.evaluate(exp.model, exp.place.replicate(variables), "eval")
     fused = models.fuse_network(variables)

@@ -8,7 +8,6 @@ the controller and the loop.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 
 import jax
@@ -19,11 +18,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dyrep_jax import checkpoint as ckpt
-from dyrep_jax import models
+from dyrep_jax import models, paths, serving
 from dyrep_jax.config_base import base_config
 from dyrep_jax.data import build_input
 from dyrep_jax.dyrep import ControllerConfig
-from dyrep_jax.reporting import human
+from dyrep_jax.reporting import human, parse_profile_steps
 from dyrep_jax.steps import StepCache, make_eval_step
 
 log = logging.getLogger("dyrep_jax")
@@ -51,6 +50,7 @@ def validate_config(config, reference=None, prefix=""):
             raise ValueError(f"model.dtype must be float32 or bfloat16, got {config.model.dtype}")
         if config.batch_size < 1 or config.num_epochs < 1:
             raise ValueError("batch_size and num_epochs must be positive")
+        parse_profile_steps(config.profile_steps)
 
 
 def to_host(tree):
@@ -117,8 +117,8 @@ class Experiment:
     def __init__(self, config, workdir: str):
         validate_config(config)
         self.config = config
-        self.workdir = os.path.abspath(workdir)
-        os.makedirs(self.workdir, exist_ok=True)
+        self.workdir = paths.as_path(workdir)  # local or cloud (gs://...): use epath only
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.place = Placement(config.get("num_devices", 0))
         self.place.check_divides(config.batch_size, config.eval_batch_size)
         self.inp = open_input(config, self.place)
@@ -141,8 +141,14 @@ class Experiment:
 
     def checkpoint_manager(self):
         c = self.config.checkpoint
-        return ckpt.make_manager(os.path.join(self.workdir, "checkpoints"), keep=c.keep,
+        return ckpt.make_manager(self.workdir / "checkpoints", keep=c.keep,
                                  async_save=c.async_save)
+
+    def write_config(self):
+        """DIR/config.json: the resolved config of this run (process 0 writes it)."""
+        if self.is_main:
+            (self.workdir / "config.json").write_text(
+                self.config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
     def evaluate(self, model, variables, name: str) -> tuple[float, float]:
         """(mean loss, top-1) on the test split; padding rows are masked out."""
@@ -171,16 +177,53 @@ class Experiment:
                                 std=self.std, name=self.config.name, **extra)
 
     def export_fused(self, variables, **extra) -> dict:
-        """Fuse host `variables`, evaluate the deploy network, write DIR/fused/."""
+        """Fuse host `variables`, evaluate the deploy network, write DIR/fused/.
+
+        DIR/fused/ holds `params` (orbax), `arch.json` and `model.jaxexport`
+        (`serving.write_exported`: the network alone, for serving without this package).
+        """
         fused = to_host(models.fuse_network(variables))
         _, fused_top1 = self.evaluate(self.deploy_model, self.place.replicate(fused),
                                       "eval_fused")
         params = models.count_params(fused)
         macs = models.count_macs(self.deploy_model, fused, self.image_shape)
-        out = os.path.join(self.workdir, "fused")
+        out = self.workdir / "fused"
         arch = self.arch(params=params, macs=macs, test_top1=fused_top1, **extra)
         ckpt.save_fused(out, fused, arch, write_arch_file=self.is_main)  # all hosts join orbax
+        if self.is_main:
+            serving.write_exported(out, self.deploy_model, fused, self.image_shape)
         log.info("deploy network (params %s, MACs %s, test top1 %.4f) written to %s",
                  human(params), human(macs), fused_top1, out)
-        return {"fused_dir": out, "fused_test_top1": fused_top1, "fused_params": params,
+        return {"fused_dir": str(out), "fused_test_top1": fused_top1, "fused_params": params,
                 "fused_macs": macs}
+
+
+def fused_only_dir(workdir):
+    """The fused export `--mode=eval` reads when `workdir` has no checkpoints, else None.
+
+    `workdir` may be a run folder with only `fused/` left, or a `fused/` folder itself.
+    """
+    d = paths.as_path(workdir)
+    if (d / "checkpoints").exists():
+        return None
+    for candidate in (d, d / "fused"):
+        if (candidate / ckpt.ARCH_FILE).exists():
+            return candidate
+    return None
+
+
+def evaluate_fused_export(config, fused_dir) -> dict:
+    """Test loss and top-1 of a fused export, with the deploy network its arch.json names."""
+    variables, arch = ckpt.load_fused(fused_dir)
+    exp = Experiment(config, fused_dir)
+    if arch["num_classes"] != exp.num_classes or tuple(arch["image_shape"]) != exp.image_shape:
+        raise ValueError(
+            f"{fused_dir} holds a network for {arch['num_classes']} classes of "
+            f"{tuple(arch['image_shape'])} images, but the config's data gives "
+            f"{exp.num_classes} classes of {exp.image_shape}; pass the config it was trained with")
+    model = models.create_model(arch["model"], num_classes=arch["num_classes"],
+                                width=arch["width"], deploy=True,
+                                dtype=jnp.bfloat16 if arch["dtype"] == "bfloat16" else jnp.float32)
+    loss, top1 = exp.evaluate(model, exp.place.replicate(variables), "eval_fused")
+    log.info("fused export %s: test top1 %.4f (loss %.4f)", fused_dir, top1, loss)
+    return {"fused_dir": str(fused_dir), "fused_test_top1": top1, "fused_test_loss": loss}

@@ -8,6 +8,7 @@ Override any config field with --config.<field>=<value>.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from absl import app, flags
@@ -28,16 +29,41 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def setup_logging():
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+    """Today's quiet console unless absl's logging flags say otherwise.
+
+    Default: our lines at INFO on stdout as `HH:MM:SS message`, libraries
+    (absl, orbax, jax, tensorflow) at WARNING. `--verbosity=N` puts every
+    logger at absl level N (-2 errors, -1 warnings, 0 info, 1 debug).
+    `--log_dir=DIR` also writes absl's log file (dyrep_jax.INFO) into DIR.
+    """
+    from absl import logging as absl_logging
+
+    quiet_default = not FLAGS["verbosity"].present  # (libraries set its value at import)
+    level = logging.INFO if quiet_default else absl_logging.converter.absl_to_standard(
+        max(min(FLAGS.verbosity, 1), -3))
+    logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stdout, force=True)
-    for noisy in ("absl", "orbax", "jax", "tensorflow"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for name in ("absl", "orbax", "jax", "tensorflow"):
+        logging.getLogger(name).setLevel(logging.WARNING if quiet_default else level)
+    if FLAGS.log_dir:
+        os.makedirs(FLAGS.log_dir, exist_ok=True)
+        handler = absl_logging.get_absl_handler()
+        handler.use_absl_log_file("dyrep_jax", FLAGS.log_dir)
+        logging.getLogger().addHandler(handler)
 
 
 def main(argv):
     del argv
     setup_logging()
     import jax
+
+    from dyrep_jax import paths
+
+    paths.fresh_listings()  # before the first gs:// access (see paths.py)
+    try:
+        paths.route_tensorboardx_through_epath()
+    except ImportError:  # no tensorboardX: reporting.TensorBoard says so and writes nothing
+        pass
 
     if FLAGS.distributed or FLAGS.coordinator_address:
         jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import signal
 import time
 
@@ -27,8 +26,10 @@ from dyrep_jax.optim import make_optimizer, make_schedule, remap_opt_state
 from dyrep_jax.rep.tree import dotted, structure_of
 from dyrep_jax.reporting import (
     JsonlLog,
+    StepProfiler,
     TensorBoard,
     describe_decision,
+    flat_hparams,
     format_eta,
     human,
     plot_structure,
@@ -79,10 +80,12 @@ class Trainer:
         self.ctrl = Controller(ControllerConfig.from_config(config), exp.model, exp.image_shape,
                                exp.base_key, batches=self.calibration_batches,
                                replicate=self.place.replicate, to_host=to_host)
-        self.metrics_log = JsonlLog(os.path.join(self.workdir, "metrics.jsonl"))
-        self.structure_log = JsonlLog(os.path.join(self.workdir, "structure.jsonl"))
+        self.metrics_log = JsonlLog(self.workdir / "metrics.jsonl")
+        self.structure_log = JsonlLog(self.workdir / "structure.jsonl")
         self.manager = exp.checkpoint_manager()
         self.preempted = False
+        self.tb = TensorBoard(None, enabled=False)  # run() opens DIR/tb
+        self.profiler = StepProfiler(config.profile_steps, self.workdir / "profile")
 
     # ------------------------------------------------------------------ state
 
@@ -154,8 +157,8 @@ class Trainer:
         logs = (self.metrics_log, self.structure_log)
         if restored is None:
             for f in logs:
-                if self.exp.is_main and os.path.exists(f.path):
-                    os.remove(f.path)
+                if self.exp.is_main:
+                    f.remove()
             return self.place.replicate(self.fresh_state()), 0, 0, -1.0
         state, meta = restored
         if self.exp.is_main:
@@ -166,8 +169,13 @@ class Trainer:
     def run(self) -> dict:
         wall_start = time.perf_counter()
         state, epoch, start_step, best = self.start()
-        tb = TensorBoard(os.path.join(self.workdir, "tb"), enabled=self.exp.is_main)
-        old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.exp.write_config()
+        self.tb = tb = TensorBoard(self.workdir / "tb", enabled=self.exp.is_main)
+        tb.hparams(flat_hparams(self.config))
+        # A pod stops through orbax's preemption sync point (jax's own SIGTERM
+        # handler on every host); a single process through this handler.
+        single = jax.process_count() == 1
+        old_handler = signal.signal(signal.SIGTERM, self._on_sigterm) if single else None
         try:
             while epoch < self.config.num_epochs:
                 state, stats = self.train_epoch(state, epoch, start_step)
@@ -184,10 +192,17 @@ class Trainer:
                 self.check_finite(state)
                 self.save(state, epoch, 0, best, evaluation["test_top1"])
                 self.log_epoch(state, epoch, stats, evaluation, decisions, tb)
+                if self.preempted:  # the stop fell on an epoch's last step: saved just now
+                    self.manager.wait_until_finished()
+                    log.warning("preempted: checkpoint saved at the end of epoch %d; rerun the "
+                                "same command to resume", epoch)
+                    return {"status": "preempted", "epoch": epoch}
             self.manager.wait_until_finished()
             return self.finish(state, wall_start, tb)
         finally:
-            signal.signal(signal.SIGTERM, old_handler)
+            if single:
+                signal.signal(signal.SIGTERM, old_handler)
+            self.profiler.stop()
             self.manager.wait_until_finished()
             tb.close()
 
@@ -222,6 +237,17 @@ class Trainer:
         log.warning("SIGTERM received: saving a checkpoint after this step, then exiting")
         self.preempted = True
 
+    def preemption_reached(self, step: int) -> bool:
+        """Stop after global step `step`? Every host of a pod answers the same.
+
+        Multi-host: orbax's `reached_preemption` (jax's preemption sync point:
+        a SIGTERM on any host picks one step for all); it must be asked at
+        every step. Single process: our SIGTERM handler's flag.
+        """
+        if not self.preempted and jax.process_count() > 1:
+            self.preempted = bool(self.manager.reached_preemption(step))
+        return self.preempted
+
     def check_finite(self, state):
         host = to_host(state["params"])
         bad = [dotted(tuple(getattr(k, "key", k) for k in path))
@@ -239,6 +265,7 @@ class Trainer:
         epoch_start, compile_before = time.perf_counter(), self.exp.steps.compile_seconds
         compiled, sums, seen, rate = None, None, 0, 0.0
         timer_start, timer_images = time.perf_counter(), 0
+        window = None  # (sums, seen, time) at the last progress line
         for i, batch in enumerate(self.exp.inp.train_iter(epoch, start_step=start_step)):
             step_in_epoch, global_step = start_step + i, epoch * spe + start_step + i
             images, labels = self.place.shard_batch((batch["image"], batch["label"]))
@@ -246,16 +273,22 @@ class Trainer:
             if compiled is None:
                 compiled = self.compiled_train_step(state, images, labels, rng)
                 timer_start = time.perf_counter()
+                window = (None, 0, timer_start)
+            self.profiler.before(global_step + 1)
             state, metrics = compiled(state, images, labels, rng)
+            self.profiler.after(global_step + 1, metrics)
             sums = metrics if sums is None else {
                 "loss": sums["loss"] + metrics["loss"], "lr": metrics["lr"],
                 "correct": sums["correct"] + metrics["correct"]}
             seen, timer_images = seen + 1, timer_images + cfg.batch_size
             last = step_in_epoch == spe - 1
-            if (global_step + 1) % cfg.log_every_steps == 0 or last or self.preempted:
+            stop = self.preemption_reached(global_step + 1)
+            if (global_step + 1) % cfg.log_every_steps == 0 or last or stop:
+                host_sums = to_host(sums)
                 rate = timer_images / max(time.perf_counter() - timer_start, 1e-9)
-                self.log_progress(to_host(sums), seen, epoch, step_in_epoch, rate)
-            if self.preempted and not last:
+                self.log_progress(host_sums, seen, epoch, step_in_epoch, rate)
+                window = self.step_scalars(global_step + 1, host_sums, seen, window)
+            if stop and not last:
                 return state, self.epoch_stats(sums, seen, rate, epoch_start, compile_before,
                                                stopped_at=step_in_epoch + 1)
         return state, self.epoch_stats(sums, seen, rate, epoch_start, compile_before)
@@ -275,6 +308,20 @@ class Trainer:
                  epoch + 1, step_in_epoch + 1, spe, mean_loss,
                  float(host_sums["correct"]) / (seen * self.config.batch_size),
                  float(host_sums["lr"]), rate, format_eta(remaining))
+
+    def step_scalars(self, step: int, host_sums, seen: int, window) -> tuple:
+        """TensorBoard train/* scalars at global `step`: means over the steps since `window`."""
+        last_sums, last_seen, last_time = window
+        now, n = time.perf_counter(), seen - last_seen
+        if last_sums is None:
+            last_sums = {"loss": 0.0, "correct": 0}
+        self.tb.scalars(step, {
+            "train/loss": (float(host_sums["loss"]) - float(last_sums["loss"])) / n,
+            "train/top1": (float(host_sums["correct"]) - float(last_sums["correct"]))
+            / (n * self.config.batch_size),
+            "train/lr": float(host_sums["lr"]),
+            "train/images_per_s": n * self.config.batch_size / max(now - last_time, 1e-9)})
+        return host_sums, seen, now
 
     def epoch_stats(self, sums, seen, rate, epoch_start, compile_before, stopped_at=None):
         host = to_host(sums) if sums is not None else {"loss": 0.0, "correct": 0, "lr": 0.0}
@@ -302,7 +349,22 @@ class Trainer:
                  evaluation["test_top1"], human(params_n), human(macs), seconds, compile_s)
         if self.exp.is_main:
             self.metrics_log.append(record)
-            tb.scalars(epoch, record)
+            self.epoch_scalars(tb, record, decisions)
+
+    def epoch_scalars(self, tb, record: dict, decisions):
+        """Eval, structure and timing scalars (and structure changes as text) at the global step."""
+        step = record["epoch"] * self.exp.inp.steps_per_epoch
+        tb.scalars(step, {
+            "epoch": record["epoch"], "eval/loss": record["test_loss"],
+            "eval/top1": record["test_top1"],
+            "eval/top1_before_adjust": record["test_top1_before_adjust"],
+            "epoch/train_loss": record["train_loss"], "epoch/train_top1": record["train_top1"],
+            "structure/blocks": record["grown_slots"], "structure/params": record["params"],
+            "structure/macs": record["macs"], "structure/changes": record["structure_changes"],
+            "time/epoch_s": record["epoch_s"], "time/compile_s": record["compile_s"]})
+        if decisions:
+            tb.text("structure", "\n\n".join(describe_decision(d) for d in decisions), step)
+        tb.flush()
 
     def finish(self, state, wall_start, tb) -> dict:
         variables = to_host(variables_of(state))
@@ -321,7 +383,8 @@ class Trainer:
                  human(fused["fused_macs"]))
         if self.exp.is_main:
             self.metrics_log.append(record)
-            tb.scalars(self.config.num_epochs, {"final/fused_test_top1": fused["fused_test_top1"]})
+            tb.scalars(self.total_steps, {"final/test_top1": test_top1,
+                                          "final/fused_test_top1": fused["fused_test_top1"]})
             plot_structure(self.workdir)
         return {"status": "done", **record}
 

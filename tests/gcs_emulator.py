@@ -57,7 +57,24 @@ def move(request, response, storage, *args, **kwargs):
 
 MOVE = (r"^/storage/v1/b/(?P<bucket_name>[-.\\w]+)/o/(?P<object_id>.*[^/]+)"
         r"/moveTo/o/(?P<dest_object_id>.*[^/]+)$")
-emulator.HANDLERS = ((MOVE, {"POST": move}), *emulator.HANDLERS)
+plain_download = objects.download
+
+def download(request, response, storage, *args, **kwargs):
+    # Real GCS sends the object's generation with its bytes; tensorstore's gcs
+    # driver (orbax's OCDBT manifest) fails with "Malformed StorageGeneration" without it.
+    try:
+        obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+        response["x-goog-generation"] = str(obj["generation"])
+        response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
+    except Exception:
+        pass
+    plain_download(request, response, storage, *args, **kwargs)
+
+objects.download = download  # objects.get calls it for ?alt=media
+emulator.HANDLERS = ((MOVE, {"POST": move}),
+                     *((regex, {m: download if f is plain_download else f
+                                for m, f in routes.items()})
+                       for regex, routes in emulator.HANDLERS))
 parent = os.getppid()
 server = create_server("127.0.0.1", int(sys.argv[1]), in_memory=True, default_bucket=sys.argv[2])
 server.start()
