@@ -31,6 +31,7 @@ class CompileClock:
         self._lock = threading.Lock()
         self._running, self._since, self._total = 0, 0.0, 0.0
         self.wait_seconds = 0.0  # callers' time blocked on compiles (see ProgramCache.get)
+        self.log = []  # (kind, thread seconds) of every compile counted here
 
     def start(self) -> None:
         with self._lock:
@@ -43,6 +44,30 @@ class CompileClock:
             self._running -= 1
             if self._running == 0:
                 self._total += time.perf_counter() - self._since
+
+    def add_compile(self, name, seconds: float) -> None:
+        kind = name[0] if isinstance(name, tuple) else name
+        with self._lock:
+            self.log.append((str(kind), seconds))
+
+    def mark(self) -> tuple:
+        """A snapshot for `since`."""
+        with self._lock:
+            return len(self.log), self.wait_seconds, self._total + (
+                time.perf_counter() - self._since if self._running else 0.0)
+
+    def since(self, mark: tuple) -> dict:
+        """Compile figures since `mark`: wall seconds with a compile running
+        (`compile_s_total`), seconds callers waited (`compile_wait_s`), and the thread
+        seconds of each kind of program (`compile_thread_s`, overlaps counted twice)."""
+        count, waited, total = mark
+        by_kind = {}
+        with self._lock:
+            for kind, seconds in self.log[count:]:
+                by_kind[kind] = by_kind.get(kind, 0.0) + seconds
+            wait = self.wait_seconds - waited
+        return {"compile_s_total": self.seconds - total, "compile_wait_s": wait,
+                "compile_thread_s": {k: round(v, 2) for k, v in sorted(by_kind.items())}}
 
     def add_wait(self, seconds: float) -> None:
         with self._lock:
@@ -149,5 +174,6 @@ class ProgramCache:
             self.clock.stop()
         seconds = time.perf_counter() - start
         self.compile_log.append((name, seconds))
+        self.clock.add_compile(name, seconds)
         log.info("compiled %s program for a new structure in %.1fs", name, seconds)
         return compiled

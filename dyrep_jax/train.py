@@ -169,7 +169,7 @@ class Trainer:
 
     def run(self) -> dict:
         wall_start = time.perf_counter()
-        self.compile_start = (self.exp.steps.compile_seconds, self.exp.steps.wait_seconds)
+        self.compile_mark = self.exp.steps.clock.mark()
         state, epoch, start_step, best = self.start()
         self.prefetch_programs(state)
         tb = TensorBoard(os.path.join(self.workdir, "tb"), enabled=self.exp.is_main)
@@ -321,8 +321,7 @@ class Trainer:
         record = {"final": True, "test_top1": test_top1,
                   **{k: v for k, v in fused.items() if k != "fused_dir"},
                   "wall_s": time.perf_counter() - wall_start,
-                  "compile_s_total": self.exp.steps.compile_seconds - self.compile_start[0],
-                  "compile_wait_s": self.exp.steps.wait_seconds - self.compile_start[1],
+                  **self.exp.steps.clock.since(self.compile_mark),
                   "structure": structure_of(variables["params"])}
         log.info("final: test top1 %.4f, fused test top1 %.4f, deploy params %s MACs %s",
                  test_top1, fused["fused_test_top1"], human(fused["fused_params"]),

@@ -44,7 +44,8 @@ def run_once(repo: Path, workdir: Path, cache_home: Path, extra: list[str]) -> d
     r = final_record(workdir)
     return {"command": " ".join(["python", *cmd[1:]]), "compile_s_total": r["compile_s_total"],
             "wall_s": r["wall_s"], "ratio": r["compile_s_total"] / r["wall_s"],
-            "compile_wait_s": r.get("compile_wait_s"), "test_top1": r["test_top1"],
+            "compile_wait_s": r.get("compile_wait_s"),
+            "compile_thread_s": r.get("compile_thread_s"), "test_top1": r["test_top1"],
             "fused_test_top1": r["fused_test_top1"], "process_s": seconds,
             "load1_before": load_before, "load1_after": os.getloadavg()[0]}
 

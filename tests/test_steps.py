@@ -29,6 +29,21 @@ def test_overlapping_compiles_count_once_on_the_clock():
     assert clock.seconds == before  # nothing runs: the clock stands still
 
 
+def test_clock_since_a_mark_reports_wall_wait_and_thread_seconds_by_kind():
+    clock = CompileClock()
+    clock.add_compile("train", 9.0)
+    mark = clock.mark()
+    clock.start()
+    time.sleep(0.1)
+    clock.stop()
+    clock.add_compile("train", 1.5)
+    clock.add_compile(("calibrate_block", "geometry"), 0.5)
+    clock.add_wait(0.25)
+    got = clock.since(mark)
+    assert got["compile_thread_s"] == {"calibrate_block": 0.5, "train": 1.5}
+    assert got["compile_wait_s"] == 0.25 and 0.09 <= got["compile_s_total"] < 0.3
+
+
 def test_prefetch_then_get_compiles_once_and_runs_like_jit():
     cache = ProgramCache(clock=CompileClock())
 
@@ -96,4 +111,5 @@ def test_training_compiles_one_train_and_one_eval_program_per_structure(tmp_path
     assert names.count("train") == structures and names.count("eval") == structures
     assert names.count("eval_fused") == 1 and names.count("prepare") == 1
     assert 0 <= result["compile_wait_s"] <= result["compile_s_total"] + 1e-6
+    assert result["compile_thread_s"]["train"] > 0
     assert result["compile_s_total"] < result["wall_s"]
