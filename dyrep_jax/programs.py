@@ -90,7 +90,10 @@ def abstract(tree, keep_shardings: bool = True):
     def one(a):
         if isinstance(a, jax.ShapeDtypeStruct) and (keep_shardings or a.sharding is None):
             return a
-        sharding = getattr(a, "sharding", None) if keep_shardings else None
+        # an uncommitted array (e.g. a key made by an eager op) goes where the program needs
+        # it, as with jax.jit; only committed placements are part of the program
+        committed = getattr(a, "committed", True)
+        sharding = getattr(a, "sharding", None) if keep_shardings and committed else None
         return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding,
                                     weak_type=bool(getattr(a, "weak_type", False)))
 

@@ -51,8 +51,7 @@ def test_prefetch_then_get_compiles_once_and_runs_like_jit():
         return jnp.tanh(x) @ y
 
     x, y = jnp.ones((4, 3)), jnp.arange(6.0).reshape(3, 2)
-    spec = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)  # no in_shardings
-    future = cache.prefetch("f", fn, (spec, y))
+    future = cache.prefetch("f", fn, (jax.ShapeDtypeStruct(x.shape, x.dtype), y))
     compiled = cache.get("f", fn, (x, y))
     assert future.result() is compiled and len(cache.compile_log) == 1
     np.testing.assert_allclose(compiled(x, y), jax.jit(fn)(x, y), rtol=1e-6)
