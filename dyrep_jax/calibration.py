@@ -3,9 +3,11 @@
 Two uses, both as in the reference: a newly grown block's BNs before it is
 re-matched (`calibrate_block`: the rest of the network runs in inference mode),
 and every BN of the network between adjustments (`calibrate_network`). The
-statistics of each batch come from one jitted function, so with sharded
+statistics of each batch come from compiled programs, so with sharded
 (global) batches they are global-batch statistics on every host; the result is
-the plain mean over batches (no momentum).
+the plain mean over batches (no momentum). Programs come from `PROGRAMS`, so a
+recalibration of a structure seen before, or a block of a geometry and structure seen
+before, compiles nothing; their compile seconds count in the process's compile clock.
 """
 
 from __future__ import annotations
@@ -15,12 +17,17 @@ from collections.abc import Iterable
 import jax
 import jax.numpy as jnp
 
+from dyrep_jax.programs import ProgramCache
 from dyrep_jax.rep.apply import apply_slot as run_slot
 from dyrep_jax.rep.apply import inner_slot_input
 from dyrep_jax.rep.bn import MOMENTUM
 from dyrep_jax.rep.introspect import capture_slot_inputs
 from dyrep_jax.rep.network import geometry_at, split_slot_path
 from dyrep_jax.rep.tree import get_at
+
+# Calibration programs of this process: one per network structure for the slot-input and
+# whole-network passes, one per (geometry, block structure) for a block's statistics.
+PROGRAMS = ProgramCache(workers=1, max_entries=32)
 
 
 def mean_over_batches(batch_stats_of, variables, batches: Iterable):
@@ -51,10 +58,44 @@ def network_batch_stats_fn(model):
     return batch_stats_of
 
 
+def compiled(name, fn, programs: ProgramCache | None = None):
+    """`fn` as a callable that runs the program `programs` compiled for its inputs."""
+    programs = PROGRAMS if programs is None else programs
+
+    def call(*args):
+        return programs.get(name, fn, args)(*args)
+
+    return call
+
+
 def calibrate_network(model, variables, batches: Iterable):
     """Every BN's statistics as the mean of per-batch moments over `batches`."""
-    stats = mean_over_batches(jax.jit(network_batch_stats_fn(model)), variables, batches)
+    batch_stats_of = compiled(("calibrate_network", model), network_batch_stats_fn(model))
+    stats = mean_over_batches(batch_stats_of, variables, batches)
     return variables["batch_stats"] if stats is None else stats
+
+
+def slot_input_fn(model, top):
+    """(variables, images) -> input of the top-level slot `top`, network in inference mode."""
+
+    def slot_input(variables, images):
+        return capture_slot_inputs(model, variables, images, [top])[top]
+
+    return slot_input
+
+
+def block_batch_stats_fn(top_geom, rel_path, branches, geom):
+    """(top slot params, its stats, its input) -> batch stats of the block at `rel_path`
+    inside it. Depends on geometry and block structure only, so one program serves every
+    slot of that geometry and every adjustment."""
+
+    def block_batch_stats(top_params, top_stats, x):
+        x = inner_slot_input(top_params, top_stats, x, top_geom, branches)
+        _, batch_stats = run_slot(get_at(top_params, rel_path), get_at(top_stats, rel_path, {}),
+                                  x, geom, train=True, momentum=1.0)
+        return batch_stats
+
+    return block_batch_stats
 
 
 def calibrate_block(model, variables, path, top_geometries, batches: Iterable):
@@ -68,15 +109,14 @@ def calibrate_block(model, variables, path, top_geometries, batches: Iterable):
     top_geom = top_geometries[top]
     top_geom = getattr(top_geom, "geometry", top_geom)
     geom = geometry_at(params, path, top_geometries)
+    rel_path = tuple(path)[len(top):]
+    slot_input = compiled(("calibrate_slot_input", model, top), slot_input_fn(model, top))
+    block_stats = compiled(("calibrate_block", top_geom, rel_path, tuple(branches), geom),
+                           block_batch_stats_fn(top_geom, rel_path, branches, geom))
 
-    @jax.jit
-    def block_batch_stats(variables, images):
+    def batch_stats_of(variables, images):
         p, s = variables["params"], variables["batch_stats"]
-        x = capture_slot_inputs(model, variables, images, [top])[top]
-        x = inner_slot_input(get_at(p, top), get_at(s, top, {}), x, top_geom, branches)
-        _, batch_stats = run_slot(get_at(p, path), get_at(s, path, {}), x, geom, train=True,
-                                  momentum=1.0)
-        return batch_stats
+        return block_stats(get_at(p, top), get_at(s, top, {}), slot_input(variables, images))
 
-    stats = mean_over_batches(block_batch_stats, variables, batches)
+    stats = mean_over_batches(batch_stats_of, variables, batches)
     return get_at(variables["batch_stats"], path, {}) if stats is None else stats

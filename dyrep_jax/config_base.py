@@ -56,7 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_devices = 0  # 0 = all devices (of all hosts); N = first N local devices (1 host)
     c.log_every_steps = 50  # progress line (loss, images/s, ETA) every N steps
     c.profile_steps = ""  # "A,B": jax.profiler trace of global steps A..B (1 = first) in DIR/profile/
-    c.compilation_cache_dir = ""  # "" = off; a path enables JAX's persistent compile cache
+    c.compilation_cache_dir = "auto"  # JAX's persistent compile cache: "auto" = JAX_COMPILATION_CACHE_DIR
+    # if set, else $XDG_CACHE_HOME (or ~/.cache)/dyrep_jax/jax_cache; "" = off; else this folder
     c.debug_fail_at_step = -1  # testing only: inject a NaN loss at this global step
     return c
 

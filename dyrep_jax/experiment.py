@@ -23,7 +23,7 @@ from dyrep_jax.config_base import base_config
 from dyrep_jax.data import build_input
 from dyrep_jax.dyrep import ControllerConfig
 from dyrep_jax.reporting import human, parse_profile_steps
-from dyrep_jax.steps import StepCache, make_eval_step
+from dyrep_jax.steps import StepCache, batch_specs, make_eval_step
 
 log = logging.getLogger("dyrep_jax")
 
@@ -152,21 +152,26 @@ class Experiment:
 
     def evaluate(self, model, variables, name: str) -> tuple[float, float]:
         """(mean loss, top-1) on the test split; padding rows are masked out."""
-        fn = make_eval_step(model, num_classes=self.num_classes, mean=self.mean, std=self.std,
-                            dtype=self.dtype)
-        totals, compiled = None, None
+        compiled, totals = self.eval_program(model, variables, name, wait=True), None
         for batch in self.inp.eval_iter():
             args = (variables, *self.place.shard_batch(
                 (batch["image"], batch["label"], batch["mask"])))
-            if compiled is None:
-                r, b = self.place.replicated, self.place.batch
-                compiled = self.steps.get(name, fn, args, in_shardings=(r, b, b, b),
-                                          out_shardings=r)
             out = compiled(*args)
             totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
         totals = to_host(totals)
         count = max(float(totals["count"]), 1.0)
         return float(totals["loss"]) / count, float(totals["correct"]) / count
+
+    def eval_program(self, model, variables, name: str, wait: bool = False):
+        """The compiled eval step of `model` for `variables`' structure (`wait=False`: start
+        compiling it in the background and return its future)."""
+        fn = make_eval_step(model, num_classes=self.num_classes, mean=self.mean, std=self.std,
+                            dtype=self.dtype)
+        r, b = self.place.replicated, self.place.batch
+        args = (variables, *batch_specs(self.config.eval_batch_size, self.image_shape, b,
+                                        mask=True))
+        get = self.steps.get if wait else self.steps.prefetch
+        return get(name, fn, args, in_shardings=(r, b, b, b), out_shardings=r)
 
     def arch(self, **extra) -> dict:
         """This experiment's `arch.json` record (`checkpoint.arch_record`)."""

@@ -1,14 +1,12 @@
 """Jitted train/eval/calibration steps, one compiled program per network structure.
 
-`StepCache` keys compiled programs by the pytree structure of the state, so a
-structure change (grow/cut) compiles once and a return to a seen structure
-compiles never; the seconds spent compiling are counted for the logs.
+`StepCache` (a `programs.ProgramCache`) keys compiled programs by the pytree structure
+of the state, so a structure change (grow/cut) compiles once and a return to a seen
+structure compiles never. The trainer prefetches the next structure's train and eval
+programs, which then compile side by side; compile wall seconds are counted for the logs.
 """
 
 from __future__ import annotations
-
-import logging
-import time
 
 import jax
 import jax.numpy as jnp
@@ -16,9 +14,8 @@ import optax
 
 from dyrep_jax import saliency
 from dyrep_jax.data import augment_on_device, normalize_images
+from dyrep_jax.programs import ProgramCache
 from dyrep_jax.state import TrainState
-
-log = logging.getLogger("dyrep_jax")
 
 
 def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
@@ -92,31 +89,15 @@ def make_prepare_images(mean, std, augment_kind, dtype):
     return prepare
 
 
-class StepCache:
-    """Compiled programs keyed by (name, input structure); records compile seconds."""
+def batch_specs(global_batch: int, image_shape, sharding=None, *, mask: bool = False):
+    """Abstract (images uint8, labels int32[, mask bool]) of one global batch (the data
+    contract of `dyrep_jax.data`), to compile a step before its first batch arrives."""
+    images = jax.ShapeDtypeStruct((global_batch, *image_shape), jnp.uint8, sharding=sharding)
+    labels = jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=sharding)
+    if not mask:
+        return images, labels
+    return images, labels, jax.ShapeDtypeStruct((global_batch,), jnp.bool_, sharding=sharding)
 
-    def __init__(self):
-        self._compiled = {}
-        self.compile_seconds = 0.0
-        self.compile_log = []  # (name, seconds)
 
-    def get(self, name, fn, args, *, in_shardings=None, out_shardings=None, donate=()):
-        key = (name, jax.tree_util.tree_structure(args),
-               tuple((getattr(a, "shape", None), str(getattr(a, "dtype", "")))
-                     for a in jax.tree_util.tree_leaves(args)))
-        compiled = self._compiled.get(key)
-        if compiled is None:
-            start = time.perf_counter()
-            jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
-                             donate_argnums=donate)
-            compiled = jitted.lower(*args).compile()
-            seconds = time.perf_counter() - start
-            self.compile_seconds += seconds
-            self.compile_log.append((name, seconds))
-            log.info("compiled %s step for a new structure in %.1fs", name, seconds)
-            self._compiled[key] = compiled
-        return compiled
-
-    def drop(self, name):
-        """Forget compiled programs of `name` (e.g. old structures no longer used)."""
-        self._compiled = {k: v for k, v in self._compiled.items() if k[0] != name}
+class StepCache(ProgramCache):
+    """The train/eval programs of a run (one per structure), compiled ahead of time."""

@@ -20,6 +20,7 @@ import numpy as np
 
 from dyrep_jax import checkpoint as ckpt
 from dyrep_jax import models, saliency
+from dyrep_jax.compile_cache import use_persistent_cache
 from dyrep_jax.dyrep import Controller, ControllerConfig
 from dyrep_jax.experiment import Experiment, Placement, to_host, validate_config
 from dyrep_jax.optim import make_optimizer, make_schedule, remap_opt_state
@@ -35,7 +36,7 @@ from dyrep_jax.reporting import (
     plot_structure,
 )
 from dyrep_jax.state import TrainState, mean_scores, new_train_state, variables_of
-from dyrep_jax.steps import make_prepare_images, make_train_step
+from dyrep_jax.steps import batch_specs, make_prepare_images, make_train_step
 
 log = logging.getLogger("dyrep_jax")
 
@@ -120,7 +121,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ data for steps
 
-    def compiled_train_step(self, state, images, labels, rng):
+    def compiled_train_step(self, state, images, labels, rng, wait: bool = True):
         exp = self.exp
         eligible = self.ctrl.eligible(state["params"])
         counts = None
@@ -135,19 +136,28 @@ class Trainer:
             augment_kind=exp.inp.device_augment, dtype=exp.dtype,
             fail_at_step=self.config.debug_fail_at_step)
         r, b = self.place.replicated, self.place.batch
-        return exp.steps.get("train", fn, (state, images, labels, rng),
-                             in_shardings=(r, b, b, r), out_shardings=(r, r), donate=(0,))
+        get = exp.steps.get if wait else exp.steps.prefetch
+        return get("train", fn, (state, images, labels, rng), in_shardings=(r, b, b, r),
+                   out_shardings=(r, r), donate=(0,))
+
+    def prefetch_programs(self, state):
+        """Start compiling the train and eval programs of `state`'s structure, side by side."""
+        images, labels = batch_specs(self.config.batch_size, self.exp.image_shape,
+                                     self.place.batch)
+        rng = jax.ShapeDtypeStruct(self.exp.base_key.shape, self.exp.base_key.dtype)
+        self.compiled_train_step(state, images, labels, rng, wait=False)
+        self.exp.eval_program(self.exp.model, variables_of(state), "eval")
 
     def calibration_batches(self, epoch: int, count: int):
         """Up to `count` augmented, normalized training batches of `epoch` (a generator)."""
         exp = self.exp
-        prepare = jax.jit(make_prepare_images(exp.mean, exp.std, exp.inp.device_augment,
-                                              exp.dtype))
+        prepare = make_prepare_images(exp.mean, exp.std, exp.inp.device_augment, exp.dtype)
         key = jax.random.fold_in(exp.base_key, 10_000 + epoch)
         for i, batch in enumerate(exp.inp.train_iter(epoch)):
             if i >= count:
                 return
-            yield prepare(jax.random.fold_in(key, i), self.place.shard_batch(batch["image"]))
+            args = (jax.random.fold_in(key, i), self.place.shard_batch(batch["image"]))
+            yield exp.steps.get("prepare", prepare, args)(*args)
 
     # ------------------------------------------------------------------ loop
 
@@ -168,8 +178,10 @@ class Trainer:
 
     def run(self) -> dict:
         wall_start = time.perf_counter()
+        self.compile_mark = self.exp.steps.clock.mark()
         state, epoch, start_step, best = self.start()
         self.exp.write_config()
+        self.prefetch_programs(state)
         self.tb = tb = TensorBoard(self.workdir / "tb", enabled=self.exp.is_main)
         tb.hparams(flat_hparams(self.config))
         # A pod stops through orbax's preemption sync point (jax's own SIGTERM
@@ -229,6 +241,7 @@ class Trainer:
                      report["fresh"], report["dropped"])
             for name in ("train", "eval"):  # old structures do not come back: free them
                 self.exp.steps.drop(name)
+            self.prefetch_programs(state)
             loss, top1 = self.exp.evaluate(self.exp.model, variables_of(state), "eval")
             evaluation.update(test_loss=loss, test_top1=top1)
         return state, evaluation, outcome.decisions
@@ -376,7 +389,7 @@ class Trainer:
         record = {"final": True, "test_top1": test_top1,
                   **{k: v for k, v in fused.items() if k != "fused_dir"},
                   "wall_s": time.perf_counter() - wall_start,
-                  "compile_s_total": self.exp.steps.compile_seconds,
+                  **self.exp.steps.clock.since(self.compile_mark),
                   "structure": structure_of(variables["params"])}
         log.info("final: test top1 %.4f, fused test top1 %.4f, deploy params %s MACs %s",
                  test_top1, fused["fused_test_top1"], human(fused["fused_params"]),
@@ -391,6 +404,5 @@ class Trainer:
 
 def run(config, workdir: str) -> dict:
     """Train (or resume) the experiment `config` in `workdir`."""
-    if config.compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
+    use_persistent_cache(config.compilation_cache_dir)
     return Trainer(config, workdir).run()
