@@ -28,3 +28,15 @@ def tiny_config(**overrides):
             node = node[p]
         node[leaf] = value
     return c
+
+
+def write_config_file(path, **overrides) -> str:
+    """A config file for `python -m dyrep_jax.main --config` holding `tiny_config(**overrides)`."""
+    import os
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    with open(path, "w") as f:
+        f.write(f"import sys\nsys.path.insert(0, {tests!r})\n"
+                "from train_helpers import tiny_config\n\n\n"
+                f"def get_config():\n    return tiny_config(**{overrides!r})\n")
+    return str(path)
