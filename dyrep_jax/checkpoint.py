@@ -112,6 +112,8 @@ def check_saves(manager) -> None:
     """CheckpointError if a background save has failed (cheap: call it every step)."""
     try:
         manager.check_for_errors()
+        if not manager.is_saving_in_progress():
+            manager.wait_until_finished()  # returns at once, or raises the save's error
     except Exception as exc:  # noqa: BLE001
         raise save_failed(manager, exc) from exc
 
