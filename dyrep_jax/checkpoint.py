@@ -9,7 +9,11 @@ A checkpoint (one directory per step under DIR/checkpoints) holds three items:
 - `meta`: JSON, the fields of `run_meta` (data position, best accuracy, names,
   structure summary).
 We keep the latest N and the best by test top-1. A checkpoint that cannot be
-read falls back to the previous one with a warning (`restore`).
+read falls back to the previous one with a warning (`restore`); a resuming
+run moves the unreadable one to DIR/checkpoints/broken/<step> (never deleted).
+A save that fails (now or in the background) raises CheckpointError at once.
+The meta also holds the run's identity and settings (`identity.py`), checked
+before a checkpoint is resumed, evaluated or exported.
 
 `arch.json` (next to a fused export, or a run written by `tools.import_torch`)
 describes how to rebuild the model: the fields of `arch_record`.
@@ -166,9 +170,9 @@ def restore(manager, make_opt_template=None, move_broken: bool = False) -> Resto
 
     `make_opt_template(params)` returns `tx.init(params)`; without it the
     optimizer state is not read. Unreadable checkpoints are skipped with a
-    warning; with `move_broken` (a resuming run, on its primary process) they
-    are moved to DIR/broken/<step> first, so that the retrained step can be
-    saved again. If none can be read, CheckpointError says what to do.
+    warning; with `move_broken` (a resuming run; every process must pass it)
+    the primary process moves them to DIR/broken/<step>, so that the retrained
+    step can be saved again. If none can be read, CheckpointError says what to do.
     """
     errors = []
     for step in sorted(manager.all_steps(), reverse=True):
@@ -186,9 +190,14 @@ def restore(manager, make_opt_template=None, move_broken: bool = False) -> Resto
     else:
         found = None
     if move_broken and errors:
-        for step, _ in errors:
-            log.warning("unreadable checkpoint of step %d moved to %s (kept for inspection)",
-                        step, move_broken_step(manager.directory, step))
+        if jax.process_index() == 0:
+            for step, _ in errors:
+                log.warning("unreadable checkpoint of step %d moved to %s (kept for inspection)",
+                            step, move_broken_step(manager.directory, step))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("dyrep_jax: broken checkpoints moved")
         manager.reload()
     if found is None and errors:
         raise CheckpointError(

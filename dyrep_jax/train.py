@@ -102,7 +102,7 @@ class Trainer:
 
     def restore(self):
         """(device state, meta) of the latest readable checkpoint, or None."""
-        found = ckpt.restore(self.manager, self.tx.init, move_broken=self.exp.is_main)
+        found = ckpt.restore(self.manager, self.tx.init, move_broken=True)
         if found is None:
             return None
         self.exp.check_checkpoint(found.meta, resuming=True)
