@@ -7,12 +7,15 @@ import subprocess
 import sys
 import time
 
+import jax
 import pytest
 from train_helpers import tiny_config, write_config_file
 
 from dyrep_jax import checkpoint as ckpt
 from dyrep_jax import evaluate, train
+from dyrep_jax.data import DataError
 from dyrep_jax.errors import (
+    EXPECTED_ERRORS,
     CheckpointError,
     ConfigError,
     NoCheckpointError,
@@ -119,6 +122,19 @@ def test_bad_values_are_refused_before_anything_is_created(tmp_path, field, valu
     with pytest.raises(ConfigError, match=match):
         train.run(tiny_config(**{field: value}), str(tmp_path / "w"))
     assert not os.path.exists(tmp_path / "w")
+
+
+def test_devices_that_do_not_divide_the_batch_and_bad_data_create_nothing(tmp_path):
+    if jax.device_count() < 2:
+        pytest.skip("needs 2 simulated devices")
+    with pytest.raises(ConfigError, match="must be divisible by the 2 devices"):
+        train.run(tiny_config(batch_size=15, num_devices=2), str(tmp_path / "w"))
+    with pytest.raises(DataError):
+        train.run(tiny_config(**{"data.dataset": f"npz:{tmp_path}/nope.npz"}),
+                  str(tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w")
+    assert issubclass(DataError, EXPECTED_ERRORS) and issubclass(WorkdirLockedError,
+                                                                 EXPECTED_ERRORS)
 
 
 def test_eval_on_an_empty_workdir_creates_nothing(tmp_path):
