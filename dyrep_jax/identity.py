@@ -22,9 +22,9 @@ from dyrep_jax.errors import CheckpointError
 log = logging.getLogger("dyrep_jax")
 
 # identity field -> the config field that sets it (for the message)
-IDENTITY_FLAGS = {
-    "model": "model.name", "width": "model.width", "num_classes": "model.num_classes",
-    "mode": "dyrep.mode", "image_shape": "data.image_size", "dataset": "data.dataset",
+IDENTITY_FLAGS = {  # checked in this order: a new dataset is named as such, not by its shape
+    "model": "model.name", "dataset": "data.dataset", "width": "model.width",
+    "num_classes": "model.num_classes", "mode": "dyrep.mode", "image_shape": "data.image_size",
     "bn_group_size": "model.bn_group_size",
 }
 SETTING_FIELDS = {
@@ -62,7 +62,8 @@ def check_identity(meta: dict, identity: dict, settings: dict, where: str,
         log.info("checkpoint in %s predates identity records: only its model name is checked",
                  where)
         saved = {"model": meta["model"]} if "model" in meta else {}
-    for field, value in identity.items():
+    for field in IDENTITY_FLAGS:
+        value = identity[field]
         if field in saved and _norm(saved[field]) != _norm(value):
             flag = IDENTITY_FLAGS[field]
             raise CheckpointError(

@@ -23,6 +23,7 @@ from dyrep_jax.errors import (
     WorkdirError,
 )
 from dyrep_jax.experiment import validate_config
+from dyrep_jax.identity import check_identity
 from dyrep_jax.workdir_lock import WorkdirLockedError, lock_workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,6 +90,19 @@ def test_resume_logs_changed_settings_and_refuses_a_new_batch_size(one_epoch_run
     assert "resuming with changed settings: lr 0.05 -> 0.01, num_epochs 1 -> 3" in caplog.text
     with pytest.raises(CheckpointError, match="4 steps per epoch, this config has 2"):
         train.Trainer(tiny_config(batch_size=32, **ONE_EPOCH), workdir).restore()
+
+
+def test_identity_check_names_a_new_dataset_first_and_ignores_json_number_types():
+    saved = {"model": "m", "dataset": "cifar10", "width": 1, "num_classes": 10, "mode": "dyrep",
+             "image_shape": [32, 32, 3], "bn_group_size": 0}
+    meta = {"identity": saved, "settings": {"steps_per_epoch": 5}}
+    same = {**saved, "width": 1.0, "image_shape": (32, 32, 3)}
+    check_identity(meta, same, {"steps_per_epoch": 5}, "here", resuming=True)
+    other = {**same, "dataset": "cifar100", "num_classes": 100}
+    with pytest.raises(CheckpointError, match=r"dataset is 'cifar10' there but 'cifar100'.*"
+                                              r"--config.data.dataset=\.\.\."):
+        check_identity(meta, other, {"steps_per_epoch": 5}, "here", resuming=False)
+    check_identity(meta, same, {"steps_per_epoch": 9}, "here", resuming=False)  # eval: any batch
 
 
 def test_checkpoint_without_identity_restores_with_a_log_line(tmp_path, caplog):
