@@ -9,7 +9,11 @@ A checkpoint (one directory per step under DIR/checkpoints) holds three items:
 - `meta`: JSON, the fields of `run_meta` (data position, best accuracy, names,
   structure summary).
 We keep the latest N and the best by test top-1. A checkpoint that cannot be
-read falls back to the previous one with a warning (`restore`).
+read falls back to the previous one with a warning (`restore`); a resuming
+run moves the unreadable one to DIR/checkpoints/broken/<step> (never deleted).
+A save that fails (now or in the background) raises CheckpointError at once.
+The meta also holds the run's identity and settings (`identity.py`), checked
+before a checkpoint is resumed, evaluated or exported.
 
 `arch.json` (next to a fused export, or a run written by `tools.import_torch`)
 describes how to rebuild the model: the fields of `arch_record`.
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import threading
 from typing import NamedTuple
 
 import jax
@@ -32,6 +36,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from dyrep_jax.errors import CheckpointError, NoCheckpointError
+from dyrep_jax.paths import as_path
 from dyrep_jax.rep.tree import structure_of
 from dyrep_jax.state import TrainState, from_checkpoint, to_checkpoint
 
@@ -41,8 +47,10 @@ ARCH_FILE = "arch.json"
 ITEMS = ("state", "opt", "meta")
 
 
-class CheckpointError(RuntimeError):
-    pass
+__all__ = ["CheckpointError", "NoCheckpointError", "Restored", "make_manager", "restore",
+           "restore_dir", "run_meta", "save"]
+BROKEN_DIR = "broken"  # unreadable steps are moved to DIR/checkpoints/broken/<step>
+SAVE_WAIT_S = 600.0  # a save still running after this long is reported as failed
 
 
 class Restored(NamedTuple):
@@ -51,8 +59,8 @@ class Restored(NamedTuple):
     meta: dict
 
 
-def make_manager(directory: str, keep: int = 3, keep_best: bool = True,
-                 async_save: bool = True) -> ocp.CheckpointManager:
+def make_manager(directory, keep: int = 3, keep_best: bool = True,
+                 async_save: bool = True, create: bool = True) -> ocp.CheckpointManager:
     policies = [ocm.LatestN(n=keep)]
     if keep_best:
         policies.append(ocm.BestN(get_metric_fn=lambda m: m["test_top1"], n=1,
@@ -60,33 +68,85 @@ def make_manager(directory: str, keep: int = 3, keep_best: bool = True,
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocm.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save,
-        create=True,
+        create=create,
     )
-    return ocp.CheckpointManager(_path(directory), options=options, item_names=ITEMS)
+    return ocp.CheckpointManager(as_path(directory), options=options, item_names=ITEMS)
 
 
 def run_meta(*, epoch: int, step_in_epoch: int, best_test_top1: float, name: str, model: str,
-             params) -> dict:
-    """The `meta` item: where the data stream resumes, and what the run is."""
+             params, **extra) -> dict:
+    """The `meta` item: where the data stream resumes, and what the run is.
+
+    `extra` (from the Trainer): `identity` and `settings` (`identity.py`), `run_id`
+    (the workdir lock's), `partial` (train sums of an epoch stopped midway).
+    """
     return {"epoch": int(epoch), "step_in_epoch": int(step_in_epoch),
             "best_test_top1": float(best_test_top1), "name": name, "model": model,
-            "structure": structure_of(params)}
+            "structure": structure_of(params), **extra}
 
 
 def save(manager, state: TrainState, meta: dict, test_top1: float | None):
-    """Save a host-side state as checkpoint `state['step']`; `test_top1` ranks "best"."""
+    """Save a host-side state as checkpoint `state['step']`; `test_top1` ranks "best".
+
+    Raises CheckpointError at once when this save, or an earlier background
+    one, failed: training must not go on without its checkpoints.
+    """
+    check_saves(manager)
     item, opt_state = to_checkpoint(state)
     metrics = None if test_top1 is None else {"test_top1": float(test_top1)}
-    manager.save(
-        int(state["step"]),
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(item),
-            opt=ocp.args.StandardSave(opt_state),
-            meta=ocp.args.JsonSave(meta),
-        ),
-        metrics=metrics,
-        force=True,
-    )
+    step = int(state["step"])
+    try:
+        manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(item), opt=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to write is fatal for the run
+        raise save_failed(manager, exc, step) from exc
+
+
+def save_failed(manager, exc: BaseException, step=None) -> CheckpointError:
+    what = "a checkpoint" if step is None else f"the checkpoint of step {step}"
+    return CheckpointError(
+        f"saving {what} in {manager.directory} failed ({type(exc).__name__}: "
+        f"{str(exc).splitlines()[0][:300] if str(exc) else ''}); training stopped. Earlier "
+        "checkpoints are kept: fix the cause (disk space, path, permissions) and rerun the "
+        "same command to resume from the last one.")
+
+
+def check_saves(manager) -> None:
+    """CheckpointError if a background save has failed (cheap: call it every step)."""
+    try:
+        manager.check_for_errors()
+        if not manager.is_saving_in_progress():
+            manager.wait_until_finished()  # returns at once, or raises the save's error
+    except Exception as exc:  # noqa: BLE001
+        raise save_failed(manager, exc) from exc
+
+
+def wait_for_saves(manager, timeout_s: float = SAVE_WAIT_S, raise_errors: bool = True) -> None:
+    """Wait for background saves, at most `timeout_s`; a failure becomes CheckpointError.
+
+    With `raise_errors=False` (the run is failing already) a failure is only logged.
+    """
+    outcome = {}
+
+    def wait():
+        try:
+            manager.wait_until_finished()
+            manager.check_for_errors()
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller's thread
+            outcome["error"] = exc
+
+    waiter = threading.Thread(target=wait, name="dyrep-wait-for-saves", daemon=True)
+    waiter.start()
+    waiter.join(timeout_s)
+    error = outcome.get("error")
+    if waiter.is_alive():
+        error = TimeoutError(f"background save still running after {timeout_s:.0f}s")
+    if error is None:
+        return
+    if raise_errors:
+        raise save_failed(manager, error) from error
+    log.error("%s", save_failed(manager, error))
 
 
 def _as_host(tree):
@@ -106,12 +166,14 @@ def restore_step(manager, step: int, make_opt_template=None) -> Restored:
     return Restored(step, from_checkpoint(item, opt), dict(restored["meta"] or {}))
 
 
-def restore(manager, make_opt_template=None) -> Restored | None:
+def restore(manager, make_opt_template=None, move_broken: bool = False) -> Restored | None:
     """The newest readable checkpoint, or None when there is none.
 
     `make_opt_template(params)` returns `tx.init(params)`; without it the
     optimizer state is not read. Unreadable checkpoints are skipped with a
-    warning; if none can be read, CheckpointError says what to do.
+    warning; with `move_broken` (a resuming run; every process must pass it)
+    the primary process moves them to DIR/broken/<step>, so that the retrained
+    step can be saved again. If none can be read, CheckpointError says what to do.
     """
     errors = []
     for step in sorted(manager.all_steps(), reverse=True):
@@ -125,20 +187,47 @@ def restore(manager, make_opt_template=None) -> Restored | None:
         if errors:
             log.warning("checkpoint(s) %s unreadable, resumed from step %d instead",
                         ", ".join(str(s) for s, _ in errors), step)
-        return found
-    if errors:
+        break
+    else:
+        found = None
+    if move_broken and errors:
+        if jax.process_index() == 0:
+            for step, _ in errors:
+                log.warning("unreadable checkpoint of step %d moved to %s (kept for inspection)",
+                            step, move_broken_step(manager.directory, step))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("dyrep_jax: broken checkpoints moved")
+        manager.reload()
+    if found is None and errors:
         raise CheckpointError(
             f"no readable checkpoint in {manager.directory}: tried steps "
             f"{[s for s, _ in errors]}; last error: {errors[-1][1]}. Move the directory away "
             "to start fresh.")
-    return None
+    return found
 
 
-def restore_dir(checkpoint_dir: str, make_opt_template=None) -> Restored | None:
+def move_broken_step(directory, step: int) -> epath.Path:
+    """Move DIR/<step> to DIR/broken/<step> (never deleted; `.N` added if taken)."""
+    source = epath.Path(directory) / str(step)
+    broken = epath.Path(directory) / BROKEN_DIR
+    broken.mkdir(parents=True, exist_ok=True)
+    target, n = broken / str(step), 1
+    while target.exists():
+        target, n = broken / f"{step}.{n}", n + 1
+    source.rename(target)
+    return target
+
+
+def restore_dir(checkpoint_dir, make_opt_template=None) -> Restored | None:
     """`restore` of the checkpoints in a directory (read only: nothing is created)."""
-    if not _path(checkpoint_dir).exists():
+    path = as_path(checkpoint_dir)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} is a file; expected a checkpoints directory")
+    if not path.is_dir():
         return None
-    manager = make_manager(checkpoint_dir, async_save=False)
+    manager = make_manager(path, async_save=False, create=False)
     try:
         return restore(manager, make_opt_template)
     finally:
@@ -160,22 +249,16 @@ def arch_record(*, model: str, num_classes: int, width: float, dtype: str, image
     return {**arch, **extra}
 
 
-def _path(directory) -> epath.Path:
-    """Local paths made absolute; `gs://...` (any epath scheme) kept as is."""
-    text = os.fspath(directory)
-    return epath.Path(text if "://" in text else os.path.abspath(text))
-
-
-def write_arch(directory: str, arch: dict) -> str:
-    path = _path(directory) / ARCH_FILE
+def write_arch(directory, arch: dict) -> epath.Path:
+    path = as_path(directory) / ARCH_FILE
     path.write_text(json.dumps(arch, indent=2))
-    return str(path)
+    return path
 
 
-def read_arch(directory: str) -> dict | None:
+def read_arch(directory) -> dict | None:
     """DIR/arch.json, or None if absent; ValueError when it is not an arch."""
-    path = _path(directory) / ARCH_FILE
-    if not path.exists():
+    path = as_path(directory) / ARCH_FILE
+    if not path.is_file():
         return None
     try:
         arch = json.loads(path.read_text())
@@ -186,9 +269,9 @@ def read_arch(directory: str) -> dict | None:
     return arch
 
 
-def save_fused(directory: str, fused_variables: dict, arch: dict, write_arch_file: bool = True):
+def save_fused(directory, fused_variables: dict, arch: dict, write_arch_file: bool = True):
     """Deploy parameters (orbax, DIR/params) plus DIR/arch.json."""
-    directory = _path(directory)
+    directory = as_path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(directory / "params", _as_host(fused_variables), force=True)
@@ -197,9 +280,9 @@ def save_fused(directory: str, fused_variables: dict, arch: dict, write_arch_fil
         write_arch(directory, arch)
 
 
-def load_fused(directory: str):
+def load_fused(directory):
     """(fused variables, arch) of a fused export."""
-    directory = _path(directory)
+    directory = as_path(directory)
     arch = read_arch(directory)
     if arch is None:
         raise FileNotFoundError(f"no {ARCH_FILE} in {directory}")

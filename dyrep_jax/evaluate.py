@@ -7,23 +7,25 @@ batches): an `Experiment` is the config, the models and the test split.
 from __future__ import annotations
 
 import logging
-import os
 
 from dyrep_jax import checkpoint as ckpt
 from dyrep_jax import models
+from dyrep_jax.errors import NoCheckpointError
 from dyrep_jax.experiment import Experiment, evaluate_fused_export, fused_only_dir
 from dyrep_jax.state import variables_of
+from dyrep_jax.workdir_lock import lock_workdir
 
 log = logging.getLogger("dyrep_jax")
 
 
 def _restored(config, workdir):
     exp = Experiment(config, workdir)
-    found = ckpt.restore_dir(os.path.join(exp.workdir, "checkpoints"))
+    checkpoints = exp.workdir / "checkpoints"
+    found = ckpt.restore_dir(checkpoints)
     if found is None:
-        raise FileNotFoundError(
-            f"no checkpoint in {os.path.join(exp.workdir, 'checkpoints')}; train "
-            "first (same command with --mode=train)")
+        raise NoCheckpointError(
+            f"no checkpoint in {checkpoints}; train first (same command with --mode=train)")
+    exp.check_checkpoint(found.meta, resuming=False)
     return exp, variables_of(found.state), found.meta
 
 
@@ -44,7 +46,8 @@ def evaluate_latest(config, workdir) -> dict:
 
 def export_latest(config, workdir) -> dict:
     """Fuse the latest checkpoint and write DIR/fused/ (orbax params + arch.json)."""
-    exp, variables, meta = _restored(config, workdir)
-    out = exp.export_fused(variables, epoch=meta["epoch"])
+    exp, variables, meta = _restored(config, workdir)  # checked before the lock creates files
+    with lock_workdir(exp.workdir):
+        out = exp.export_fused(variables, epoch=meta["epoch"])
     return {"fused_dir": out["fused_dir"], "params": out["fused_params"],
             "macs": out["fused_macs"], "fused_test_top1": out["fused_test_top1"]}

@@ -8,6 +8,7 @@ the controller and the loop.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 
 import jax
@@ -22,6 +23,8 @@ from dyrep_jax import models, paths, serving
 from dyrep_jax.config_base import base_config
 from dyrep_jax.data import build_input
 from dyrep_jax.dyrep import ControllerConfig
+from dyrep_jax.errors import ConfigError, WorkdirError
+from dyrep_jax.identity import check_identity, run_identity, run_settings
 from dyrep_jax.reporting import human, parse_profile_steps
 from dyrep_jax.steps import StepCache, batch_specs, make_eval_step
 
@@ -30,27 +33,86 @@ log = logging.getLogger("dyrep_jax")
 GROUP_TYPES = (Mapping, ml_collections.ConfigDict)
 
 
+# numeric fields: (field, test, what the value must be)
+_POSITIVE, _NON_NEGATIVE = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0")
+_AT_LEAST_1, _FRACTION = (lambda v: v >= 1, ">= 1"), (lambda v: 0 <= v <= 1, "in [0, 1]")
+NUMERIC_RULES = [
+    ("model.width", *_POSITIVE), ("model.num_classes", *_NON_NEGATIVE),
+    ("model.bn_group_size", *_NON_NEGATIVE), ("data.image_size", *_NON_NEGATIVE),
+    ("data.max_train_examples", *_NON_NEGATIVE), ("data.max_test_examples", *_NON_NEGATIVE),
+    ("data.color_jitter", *_NON_NEGATIVE), ("data.random_erasing", *_FRACTION),
+    ("data.host_workers", *_NON_NEGATIVE), ("batch_size", *_AT_LEAST_1),
+    ("eval_batch_size", *_AT_LEAST_1), ("num_epochs", *_AT_LEAST_1),
+    ("optim.lr", *_POSITIVE), ("optim.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.weight_decay", *_NON_NEGATIVE), ("optim.warmup_epochs", *_NON_NEGATIVE),
+    ("optim.warmup_lr", *_NON_NEGATIVE), ("optim.min_lr", *_NON_NEGATIVE),
+    ("optim.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.grad_clip_norm", *_NON_NEGATIVE), ("dyrep.adjust_interval", *_AT_LEAST_1),
+    ("dyrep.max_adjust_epochs", *_NON_NEGATIVE), ("dyrep.grow_topk", *_NON_NEGATIVE),
+    ("dyrep.calib_batches", *_AT_LEAST_1), ("dyrep.dep_std_threshold", *_NON_NEGATIVE),
+    ("dyrep.dep_abs_threshold", *_NON_NEGATIVE), ("dyrep.recal_bn_batches", *_AT_LEAST_1),
+    ("checkpoint.keep", *_AT_LEAST_1), ("num_devices", *_NON_NEGATIVE),
+    ("log_every_steps", *_AT_LEAST_1), ("debug_fail_at_step", lambda v: v >= -1, ">= -1"),
+]
+
+
 def validate_config(config, reference=None, prefix=""):
-    """Every field must exist in `base_config()` with a compatible type."""
+    """Every field must exist in `base_config()` with a compatible type and a usable value.
+
+    Runs before anything is compiled or written; raises ConfigError naming the field.
+    """
     reference = base_config() if reference is None else reference
     for key in config.keys():
         name = f"{prefix}{key}"
         if key not in reference:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown config field '{name}'; valid fields here: "
                 f"{', '.join(sorted(reference.keys()))}")
         value, ref = config[key], reference[key]
         if isinstance(ref, GROUP_TYPES):
             if not isinstance(value, GROUP_TYPES):
-                raise ValueError(f"config field '{name}' must be a group of fields")
+                raise ConfigError(f"config field '{name}' must be a group of fields")
             validate_config(value, ref, prefix=f"{name}.")
     if prefix == "":
+        validate_values(config)
+
+
+def _field(config, dotted_name: str):
+    node = config
+    for part in dotted_name.split("."):
+        node = node[part]
+    return node
+
+
+def validate_values(config) -> None:
+    """Ranges of the numeric fields, names (model, mode, dtype), and the device count."""
+    for name, ok, what in NUMERIC_RULES:
+        value = _field(config, name)
+        if not isinstance(value, (int, float)) or not ok(value):
+            raise ConfigError(f"config field '{name}' must be {what}, got {value!r}")
+    try:
         ControllerConfig.from_config(config)  # mode, metric, interval
-        if config.model.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"model.dtype must be float32 or bfloat16, got {config.model.dtype}")
-        if config.batch_size < 1 or config.num_epochs < 1:
-            raise ValueError("batch_size and num_epochs must be positive")
+    except ValueError as exc:
+        raise ConfigError(f"dyrep: {exc}") from exc
+    if config.model.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"model.dtype must be float32 or bfloat16, got {config.model.dtype}")
+    if config.model.name not in models.MODEL_NAMES:
+        raise ConfigError(f"unknown model.name '{config.model.name}'; valid: "
+                          f"{', '.join(models.MODEL_NAMES)}")
+    if config.num_devices > jax.local_device_count():
+        raise ConfigError(f"num_devices={config.num_devices} but this host has "
+                          f"{jax.local_device_count()} devices; use 0 (all) or fewer")
+    try:
         parse_profile_steps(config.profile_steps)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def check_workdir(workdir) -> None:
+    """Refuse a workdir that is a file (before anything is created)."""
+    if os.path.isfile(os.fspath(workdir)):
+        raise WorkdirError(f"--workdir {workdir} is a file; expected a directory (new or an "
+                           "earlier run's)")
 
 
 def to_host(tree):
@@ -71,7 +133,7 @@ class Placement:
         devices = jax.devices()
         if num_devices:
             if jax.process_count() > 1:
-                raise ValueError("num_devices applies to single-host runs only")
+                raise ConfigError("num_devices applies to single-host runs only; use 0")
             devices = devices[:num_devices]
         self.mesh = Mesh(np.array(devices), ("data",))
         self.replicated = NamedSharding(self.mesh, P())
@@ -89,7 +151,7 @@ class Placement:
 
     def check_divides(self, *sizes):
         if any(s % self.num_devices for s in sizes):
-            raise ValueError(
+            raise ConfigError(
                 f"batch_size and eval_batch_size ({', '.join(map(str, sizes))}) must be "
                 f"divisible by the {self.num_devices} devices")
 
@@ -106,7 +168,7 @@ def open_input(config, place: Placement):
         color_jitter=d.color_jitter, random_erasing=d.random_erasing,
         host_workers=d.host_workers, num_classes=config.model.num_classes or None)
     if inp.steps_per_epoch < 1:
-        raise ValueError(f"batch_size {config.batch_size} exceeds the {inp.num_train} "
+        raise ConfigError(f"batch_size {config.batch_size} exceeds the {inp.num_train} "
                          "training examples")
     return inp
 
@@ -116,9 +178,9 @@ class Experiment:
 
     def __init__(self, config, workdir: str):
         validate_config(config)
+        check_workdir(workdir)
         self.config = config
-        self.workdir = paths.as_path(workdir)  # local or cloud (gs://...): use epath only
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = paths.as_path(workdir)  # local or gs://...; created by the run's lock
         self.place = Placement(config.get("num_devices", 0))
         self.place.check_divides(config.batch_size, config.eval_batch_size)
         self.inp = open_input(config, self.place)
@@ -138,6 +200,19 @@ class Experiment:
         self.steps = StepCache()
         self.base_key = jax.random.PRNGKey(config.seed)
         self.is_main = jax.process_index() == 0
+
+    def identity(self) -> dict:
+        """The checkpoint's `identity` record (what defines the network, `identity.py`)."""
+        return run_identity(self.config, num_classes=self.num_classes,
+                            image_shape=self.image_shape)
+
+    def settings(self) -> dict:
+        return run_settings(self.config, steps_per_epoch=self.inp.steps_per_epoch)
+
+    def check_checkpoint(self, meta: dict, resuming: bool) -> None:
+        """Refuse a checkpoint of another network (CheckpointError naming the field)."""
+        check_identity(meta, self.identity(), self.settings(),
+                       self.workdir / "checkpoints", resuming)
 
     def checkpoint_manager(self):
         c = self.config.checkpoint

@@ -3,6 +3,12 @@
 --mode=train (default) trains or resumes; --mode=eval evaluates the latest
 checkpoint and its fused form; --mode=export writes the fused deploy network.
 Override any config field with --config.<field>=<value>.
+
+Expected errors (a bad config value, bad data, an unusable workdir or
+checkpoint, a NaN loss: `dyrep_jax.errors`) print one line and exit 1;
+`--verbosity=1` or DYREP_TRACEBACK=1 adds their traceback. Any other error
+prints its traceback. A failing run always exits, non-zero, even when
+background checkpoint threads are stuck.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -53,8 +60,52 @@ def setup_logging():
 
 
 def main(argv):
+    """Run the command; on any error report it and leave at once with status 1."""
     del argv
+    try:
+        run_command()
+    except BaseException as exc:  # noqa: BLE001 - every failure ends here, bounded
+        code = report_error(exc)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)  # skip joining orbax's threads: a failed save can leave them stuck
+
+
+def report_error(exc: BaseException) -> int:
+    """Print `exc` (one line if expected, else with its traceback); the exit status."""
+    from dyrep_jax.errors import EXPECTED_ERRORS
+
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else 1
+    if isinstance(exc, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        return 130
+    verbose = FLAGS.verbosity >= 1 or os.environ.get("DYREP_TRACEBACK", "") not in ("", "0")
+    if isinstance(exc, EXPECTED_ERRORS) and not verbose:
+        print(f"error: {exc}", file=sys.stderr)
+        print("(--verbosity=1 or DYREP_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+    else:
+        traceback.print_exception(exc)
+    return 1
+
+
+def load_config():
+    """FLAGS.config, with a missing or broken config file as a ConfigError."""
+    from dyrep_jax.errors import ConfigError
+
+    config = FLAGS.config
+    try:
+        config.keys()  # a config that failed to load raises only when first used
+    except OSError as exc:
+        raise ConfigError(f"cannot load --config {FLAGS['config'].config_filename}: "
+                          f"{str(exc).strip().splitlines()[-1].strip()}") from exc
+    return config
+
+
+def run_command():
     setup_logging()
+    config = load_config()
     import jax
 
     from dyrep_jax import paths
@@ -71,7 +122,6 @@ def main(argv):
                                    process_id=FLAGS.process_id)
     from dyrep_jax import evaluate, train
 
-    config = FLAGS.config
     log = logging.getLogger("dyrep_jax")
     log.info("devices: %d (%s), processes: %d", jax.device_count(),
              jax.devices()[0].platform, jax.process_count())

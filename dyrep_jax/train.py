@@ -22,7 +22,8 @@ from dyrep_jax import checkpoint as ckpt
 from dyrep_jax import models, saliency
 from dyrep_jax.compile_cache import use_persistent_cache
 from dyrep_jax.dyrep import Controller, ControllerConfig
-from dyrep_jax.experiment import Experiment, Placement, to_host, validate_config
+from dyrep_jax.errors import TrainingError
+from dyrep_jax.experiment import Experiment, Placement, check_workdir, to_host, validate_config
 from dyrep_jax.optim import make_optimizer, make_schedule, remap_opt_state
 from dyrep_jax.rep.tree import dotted, structure_of
 from dyrep_jax.reporting import (
@@ -37,15 +38,12 @@ from dyrep_jax.reporting import (
 )
 from dyrep_jax.state import TrainState, mean_scores, new_train_state, variables_of
 from dyrep_jax.steps import batch_specs, make_prepare_images, make_train_step
+from dyrep_jax.workdir_lock import lock_workdir
 
 log = logging.getLogger("dyrep_jax")
 
 __all__ = ["EpochStats", "Placement", "Trainer", "TrainingError", "run", "to_host",
            "validate_config"]
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (NaN loss, bad setup); the last good checkpoint is kept."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +57,7 @@ class EpochStats:
     started: float  # perf_counter() at the epoch's start (epoch_s runs to its metrics line)
     compile_before: float  # StepCache.compile_seconds then (compile_s runs to the same line)
     stopped_at: int | None = None  # step in epoch where a preemption stopped it, else None
+    partial: dict | None = None  # at a preemption: raw sums (loss_sum, correct, seen) so far
 
     def record(self) -> dict:
         return {"train_loss": self.train_loss, "train_top1": self.train_top1, "lr": self.lr,
@@ -68,8 +67,10 @@ class EpochStats:
 class Trainer:
     """One run: `run()` trains to the end, resuming from the latest checkpoint if any."""
 
-    def __init__(self, config, workdir: str):
-        self.exp = exp = Experiment(config, workdir)
+    def __init__(self, config, workdir: str, experiment: Experiment | None = None,
+                 run_id: str | None = None):
+        self.exp = exp = experiment or Experiment(config, workdir)
+        self.run_id = run_id  # the workdir lock's, recorded in checkpoints
         self.config, self.workdir, self.place = config, exp.workdir, exp.place
         o, spe = config.optim, exp.inp.steps_per_epoch
         self.total_steps = spe * config.num_epochs
@@ -87,6 +88,7 @@ class Trainer:
         self.preempted = False
         self.tb = TensorBoard(None, enabled=False)  # run() opens DIR/tb
         self.profiler = StepProfiler(config.profile_steps, self.workdir / "profile")
+        self.carried = None  # train sums of a resumed epoch's steps before the preemption
 
     # ------------------------------------------------------------------ state
 
@@ -104,19 +106,22 @@ class Trainer:
 
     def restore(self):
         """(device state, meta) of the latest readable checkpoint, or None."""
-        found = ckpt.restore(self.manager, self.tx.init)
+        found = ckpt.restore(self.manager, self.tx.init, move_broken=True)
         if found is None:
             return None
+        self.exp.check_checkpoint(found.meta, resuming=True)
         log.info("resumed from step %d (epoch %d, step %d in epoch); %d grown slots",
                  found.step, found.meta["epoch"], found.meta["step_in_epoch"],
                  len(found.meta.get("structure", {})))
         return self.place.replicate(found.state), found.meta
 
-    def save(self, state, epoch: int, step_in_epoch: int, best: float, test_top1):
+    def save(self, state, epoch: int, step_in_epoch: int, best: float, test_top1,
+             partial=None):
         host = to_host(state)
         meta = ckpt.run_meta(epoch=epoch, step_in_epoch=step_in_epoch, best_test_top1=best,
                              name=self.config.name, model=self.config.model.name,
-                             params=host["params"])
+                             params=host["params"], identity=self.exp.identity(),
+                             settings=self.exp.settings(), run_id=self.run_id, partial=partial)
         ckpt.save(self.manager, host, meta, test_top1)
 
     # ------------------------------------------------------------------ data for steps
@@ -171,6 +176,7 @@ class Trainer:
                     f.remove()
             return self.place.replicate(self.fresh_state()), 0, 0, -1.0
         state, meta = restored
+        self.carried = meta.get("partial") if meta["step_in_epoch"] else None
         if self.exp.is_main:
             for f in logs:
                 f.truncate_after_epoch(meta["epoch"])
@@ -193,11 +199,12 @@ class Trainer:
                 state, stats = self.train_epoch(state, epoch, start_step)
                 if stats.stopped_at is not None:
                     self.check_finite(state)
-                    self.save(state, epoch, stats.stopped_at, -1.0, None)
-                    self.manager.wait_until_finished()
+                    self.save(state, epoch, stats.stopped_at, best, None, stats.partial)
+                    ckpt.wait_for_saves(self.manager)
                     log.warning("preempted: checkpoint saved at epoch %d step %d; rerun the "
                                 "same command to resume", epoch + 1, stats.stopped_at)
-                    return {"status": "preempted", "epoch": epoch}
+                    return {"status": "preempted", "epoch": epoch + 1,
+                            "step_in_epoch": stats.stopped_at}
                 start_step, epoch = 0, epoch + 1
                 state, evaluation, decisions = self.end_epoch(state, epoch)
                 best = max(best, evaluation["test_top1"])
@@ -205,17 +212,19 @@ class Trainer:
                 self.save(state, epoch, 0, best, evaluation["test_top1"])
                 self.log_epoch(state, epoch, stats, evaluation, decisions, tb)
                 if self.preempted:  # the stop fell on an epoch's last step: saved just now
-                    self.manager.wait_until_finished()
+                    ckpt.wait_for_saves(self.manager)
                     log.warning("preempted: checkpoint saved at the end of epoch %d; rerun the "
                                 "same command to resume", epoch)
                     return {"status": "preempted", "epoch": epoch}
-            self.manager.wait_until_finished()
+            ckpt.wait_for_saves(self.manager)
             return self.finish(state, wall_start, tb)
+        except BaseException:
+            ckpt.wait_for_saves(self.manager, raise_errors=False)  # bounded; the error goes on
+            raise
         finally:
             if single:
                 signal.signal(signal.SIGTERM, old_handler)
             self.profiler.stop()
-            self.manager.wait_until_finished()
             tb.close()
 
     def end_epoch(self, state, epoch_done: int):
@@ -268,15 +277,32 @@ class Trainer:
                if not np.all(np.isfinite(leaf))]
         if bad:
             raise TrainingError(
-                f"non-finite parameters after training ({', '.join(bad[:5])}...); the last good "
-                f"checkpoint in {self.manager.directory} is kept. Lower optim.lr or enable "
-                "optim.grad_clip_norm.")
+                f"non-finite parameters after training ({', '.join(bad[:5])}...). "
+                f"{self.nan_advice()}")
+
+    def nan_advice(self) -> str:
+        """What is kept and what to try after a non-finite loss or parameters."""
+        if self.manager.latest_step() is None:
+            kept = "No checkpoint was saved yet (the rerun starts afresh)."
+        else:
+            kept = f"The last good checkpoint in {self.manager.directory} is kept."
+        tries = ["a lower optim.lr"]
+        if not self.config.optim.grad_clip_norm:
+            tries.append("optim.grad_clip_norm=1.0")
+        if self.config.model.dtype != "float32":
+            tries.append("model.dtype=float32")
+        return f"{kept} Try {' or '.join(tries)}, then rerun the same command."
 
     def train_epoch(self, state, epoch: int, start_step: int):
         """Train from `start_step` to the epoch's end (or a preemption): (state, EpochStats)."""
         cfg, spe = self.config, self.exp.inp.steps_per_epoch
         epoch_start, compile_before = time.perf_counter(), self.exp.steps.compile_seconds
         compiled, sums, seen, rate = None, None, 0, 0.0
+        if start_step and self.carried:  # resumed mid-epoch: the sums of the steps before
+            c, self.carried = self.carried, None
+            sums = {"loss": np.float32(c["loss_sum"]), "correct": np.int32(c["correct"]),
+                    "lr": np.float32(0.0)}
+            seen = int(c["seen"])
         timer_start, timer_images = time.perf_counter(), 0
         window = None  # (sums, seen, time) at the last progress line
         for i, batch in enumerate(self.exp.inp.train_iter(epoch, start_step=start_step)):
@@ -290,6 +316,7 @@ class Trainer:
             self.profiler.before(global_step + 1)
             state, metrics = compiled(state, images, labels, rng)
             self.profiler.after(global_step + 1, metrics)
+            ckpt.check_saves(self.manager)  # a failed background save stops the run now
             sums = metrics if sums is None else {
                 "loss": sums["loss"] + metrics["loss"], "lr": metrics["lr"],
                 "correct": sums["correct"] + metrics["correct"]}
@@ -313,9 +340,7 @@ class Trainer:
         if not math.isfinite(mean_loss):
             raise TrainingError(
                 f"loss became {mean_loss} at epoch {epoch + 1}, step {step_in_epoch + 1} "
-                f"(global step {global_step + 1}); stopping. The last good checkpoint "
-                f"in {self.manager.directory} is kept. Try a lower optim.lr, "
-                "optim.grad_clip_norm, or model.dtype=float32.")
+                f"(global step {global_step + 1}); stopping. {self.nan_advice()}")
         remaining = (self.total_steps - global_step - 1) * self.config.batch_size / max(rate, 1e-9)
         log.info("epoch %d step %d/%d loss %.4f top1 %.3f lr %.4g %.0f img/s ETA %s",
                  epoch + 1, step_in_epoch + 1, spe, mean_loss,
@@ -338,8 +363,10 @@ class Trainer:
 
     def epoch_stats(self, sums, seen, rate, epoch_start, compile_before, stopped_at=None):
         host = to_host(sums) if sums is not None else {"loss": 0.0, "correct": 0, "lr": 0.0}
+        partial = None if stopped_at is None else {
+            "loss_sum": float(host["loss"]), "correct": int(host["correct"]), "seen": seen}
         return EpochStats(
-            train_loss=float(host["loss"]) / max(seen, 1),
+            partial=partial, train_loss=float(host["loss"]) / max(seen, 1),
             train_top1=float(host["correct"]) / max(seen * self.config.batch_size, 1),
             lr=float(host["lr"]), img_per_s=rate,
             started=epoch_start, compile_before=compile_before, stopped_at=stopped_at)
@@ -403,6 +430,13 @@ class Trainer:
 
 
 def run(config, workdir: str) -> dict:
-    """Train (or resume) the experiment `config` in `workdir`."""
+    """Train (or resume) the experiment `config` in `workdir`, holding the workdir's lock.
+
+    Config, devices, model and data are checked before anything is written.
+    """
+    validate_config(config)
+    check_workdir(workdir)
     use_persistent_cache(config.compilation_cache_dir)
-    return Trainer(config, workdir).run()
+    exp = Experiment(config, workdir)
+    with lock_workdir(exp.workdir) as lock:
+        return Trainer(config, workdir, experiment=exp, run_id=lock.run_id).run()

@@ -29,11 +29,13 @@ import uuid
 
 from etils import epath
 
+from dyrep_jax.errors import WorkdirError
+
 LOCK_FILE = "workdir.lock"
 log = logging.getLogger("dyrep_jax")
 
 
-class WorkdirLockedError(RuntimeError):
+class WorkdirLockedError(WorkdirError):
     """The workdir is locked by another run; the message names it and what to do."""
 
 
@@ -91,7 +93,14 @@ class WorkdirLock:
     def acquire(self) -> WorkdirLock:
         if not self.primary or self.held:
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return self._take()
+        except OSError as exc:  # read-only, a file in the path, no space
+            raise WorkdirError(f"cannot write the workdir {self.path.parent} ({exc}); use a "
+                               "writable --workdir") from exc
+
+    def _take(self) -> WorkdirLock:
         for _ in range(3):  # a stale lock taken over, then a race lost, then give up
             if self._create():
                 self.held = True

@@ -108,3 +108,49 @@ def test_checkpoint_written_by_67bf3a2_restores_and_resumes(tmp_path):
     np.testing.assert_allclose(list(got.values()), list(expected["resumed"]["params"].values()),
                                rtol=1e-5, atol=1e-5)
     assert result["test_top1"] == pytest.approx(expected["resumed"]["test_top1"])
+
+
+class StuckManager:
+    """A checkpoint manager whose background save never finishes (or failed)."""
+
+    directory = "/ckpt"
+
+    def __init__(self, error=None):
+        self.error = error
+
+    def wait_until_finished(self):
+        if self.error:
+            raise self.error
+        import time
+
+        time.sleep(3600)
+
+    def check_for_errors(self):
+        pass
+
+    def is_saving_in_progress(self):
+        return self.error is None
+
+
+def test_waiting_for_saves_is_bounded_and_names_the_failure(caplog):
+    import time
+
+    start = time.time()
+    with pytest.raises(ckpt.CheckpointError, match="still running after 0s"):
+        ckpt.wait_for_saves(StuckManager(), timeout_s=0.2)
+    assert time.time() - start < 5
+    failed = StuckManager(OSError(28, "No space left on device"))
+    with pytest.raises(ckpt.CheckpointError, match="No space left on device.*training stopped"):
+        ckpt.check_saves(failed)
+    ckpt.wait_for_saves(failed, raise_errors=False)  # the run fails already: logged only
+    assert "No space left on device" in caplog.text
+
+
+def test_broken_steps_are_moved_aside_never_over_each_other(tmp_path):
+    for n in range(2):
+        (tmp_path / "8" / "state").mkdir(parents=True)
+        (tmp_path / "8" / "state" / "x").write_text(str(n))
+        moved = ckpt.move_broken_step(str(tmp_path), 8)
+        assert moved.name == ("8" if n == 0 else "8.1") and moved.parent.name == "broken"
+    assert (tmp_path / "broken" / "8" / "state" / "x").read_text() == "0"
+    assert not (tmp_path / "8").exists()

@@ -130,7 +130,7 @@ def test_sigterm_saves_mid_epoch_and_resume_is_exact(straight_run, tmp_path):
         "from train_helpers import tiny_config\n"
         "from dyrep_jax import train\n"
         "r = train.run(tiny_config(), {!r})\n"
-        "print('RESULT', r['status'], flush=True)\n"
+        "print('RESULT', r['status'], r.get('epoch'), flush=True)\n"
     ).format(ROOT, os.path.join(ROOT, "tests"), workdir)
     # the same simulated device count as this process: the programs compile alike
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={jax.device_count()}",
@@ -149,7 +149,7 @@ def test_sigterm_saves_mid_epoch_and_resume_is_exact(straight_run, tmp_path):
     proc.wait(timeout=60)
     text = "".join(out)
     assert proc.returncode == 0, text[-3000:]
-    assert "RESULT preempted" in text, text[-3000:]
+    assert "RESULT preempted 2" in text, text[-3000:]  # the epoch number the log uses
     trainer = train.Trainer(tiny_config(), workdir)
     _, meta = trainer.restore()
     assert meta["epoch"] == 1 and 0 < meta["step_in_epoch"] < 4
@@ -157,6 +157,15 @@ def test_sigterm_saves_mid_epoch_and_resume_is_exact(straight_run, tmp_path):
     a, _ = final_params(straight_dir, tiny_config())
     b, _ = final_params(workdir, tiny_config())
     assert_trees_equal(a, b)
+    assert_same_train_figures(straight_dir, workdir)  # the resumed epoch counts all its steps
+
+
+def assert_same_train_figures(dir_a, dir_b):
+    def figures(d):
+        return [(r["epoch"], r["train_loss"], r["train_top1"])
+                for r in map(json.loads, open(os.path.join(d, "metrics.jsonl"))) if "epoch" in r]
+
+    assert figures(dir_a) == figures(dir_b)
 
 
 def test_corrupt_latest_checkpoint_falls_back_with_warning(straight_run, tmp_path, caplog):
@@ -214,6 +223,7 @@ def test_eval_and_export_modes(straight_run, tmp_path):
     exported = evaluate.export_latest(tiny_config(), workdir)
     fused, arch = ckpt.load_fused(exported["fused_dir"])
     assert arch["params"] == exported["params"] == result["fused_params"]
+    assert arch["test_top1"] == exported["fused_test_top1"]  # export keeps test_top1
 
 
 def test_eval_without_checkpoint_says_what_to_do(tmp_path):
@@ -374,3 +384,27 @@ def test_evaluation_masks_padding_on_eight_devices():
     logits = exp.model.apply(variables, x, train=False)
     assert top1 == pytest.approx(float(np.mean(np.argmax(logits, -1) == labels)), abs=1e-6)
     assert loss == pytest.approx(float(cross_entropy(logits, labels, 4).mean()), rel=1e-5)
+
+
+def test_broken_latest_checkpoint_is_moved_aside_and_reruns_finish(straight_run, tmp_path):
+    import shutil
+
+    straight_dir, _ = straight_run
+    workdir = str(tmp_path / "run")
+    shutil.copytree(straight_dir, workdir)
+    ckdir = os.path.join(workdir, "checkpoints")
+    latest = max(int(s) for s in os.listdir(ckdir) if s.isdigit())
+    files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(ckdir, str(latest), "state"))
+             for f in fs]
+    victim = max(files, key=os.path.getsize)
+    with open(victim, "r+b") as f:  # truncate one file of the latest checkpoint
+        f.truncate(os.path.getsize(victim) // 2)
+    first = train.run(tiny_config(), workdir)  # falls back to epoch 1, retrains epoch 2
+    assert first["status"] == "done"
+    assert os.path.exists(os.path.join(ckdir, "broken", str(latest), "state"))  # kept aside
+    second = train.run(tiny_config(), workdir)  # resumes from the retrained step: nothing to do
+    assert second["status"] == "done"
+    assert second["test_top1"] == pytest.approx(first["test_top1"])
+    lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [r.get("epoch") for r in lines if not r.get("final")] == [1, 2]
+    assert_same_train_figures(straight_dir, workdir)

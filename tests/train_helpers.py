@@ -62,3 +62,15 @@ def branchwise_logits(model, variables, images):
     grown = bool(structure_of(variables["params"]))
     assert bool(blocks) == grown, "the branchwise reference did not run the grown slots"
     return logits
+
+
+def write_config_file(path, **overrides) -> str:
+    """A config file for `python -m dyrep_jax.main --config` holding `tiny_config(**overrides)`."""
+    import os
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    with open(path, "w") as f:
+        f.write(f"import sys\nsys.path.insert(0, {tests!r})\n"
+                "from train_helpers import tiny_config\n\n\n"
+                f"def get_config():\n    return tiny_config(**{overrides!r})\n")
+    return str(path)
