@@ -7,9 +7,9 @@ a second data order (another batch seed, same weights). Weights stay frozen whil
 so that only precision (or data order) differs between the runs compared. `--bench` times
 a train step scoring synflow_naive against one scoring synflow_stable, side by side.
 
-  python3 /work/shared/data/get_cifar10.py /work/data_local --subset
+  (real CIFAR-10 as npz, uint8 x_train/y_train/x_test/y_test, e.g. data_local/cifar10_16k.npz)
   python experiments/saliency_study.py --bench \
-      --data /work/data_local/cifar10_16k.npz --out experiments/results/saliency.md
+      --data data_local/cifar10_16k.npz --out experiments/results/saliency.md
 
 Prints every table; with --out writes them to that page (text under an existing
 "## Reading" heading is kept).
@@ -417,7 +417,7 @@ def write_page(path: Path, command: str):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", default="/work/data_local/cifar10_16k.npz")
+    parser.add_argument("--data", default="data_local/cifar10_16k.npz")
     parser.add_argument("--models", default="resnet18_cifar,vgg16_cifar")
     parser.add_argument("--width", type=float, default=0.25)
     parser.add_argument("--train-images", type=int, default=4096)
