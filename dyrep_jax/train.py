@@ -9,7 +9,6 @@ DIR/fused/ (`Experiment.export_fused`, shared with --mode=export).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import signal
@@ -19,9 +18,10 @@ import jax
 import numpy as np
 
 from dyrep_jax import checkpoint as ckpt
-from dyrep_jax import models, saliency
+from dyrep_jax import epoch_report, models, saliency
 from dyrep_jax.compile_cache import use_persistent_cache
 from dyrep_jax.dyrep import Controller, ControllerConfig
+from dyrep_jax.epoch_report import EpochStats
 from dyrep_jax.errors import TrainingError
 from dyrep_jax.experiment import Experiment, Placement, check_workdir, to_host, validate_config
 from dyrep_jax.optim import make_optimizer, make_schedule, remap_opt_state
@@ -44,24 +44,6 @@ log = logging.getLogger("dyrep_jax")
 
 __all__ = ["EpochStats", "Placement", "Trainer", "TrainingError", "run", "to_host",
            "validate_config"]
-
-
-@dataclasses.dataclass(frozen=True)
-class EpochStats:
-    """What one (possibly preempted) pass over an epoch's batches measured."""
-
-    train_loss: float
-    train_top1: float
-    lr: float
-    img_per_s: float
-    started: float  # perf_counter() at the epoch's start (epoch_s runs to its metrics line)
-    compile_before: float  # StepCache.compile_seconds then (compile_s runs to the same line)
-    stopped_at: int | None = None  # step in epoch where a preemption stopped it, else None
-    partial: dict | None = None  # at a preemption: raw sums (loss_sum, correct, seen) so far
-
-    def record(self) -> dict:
-        return {"train_loss": self.train_loss, "train_top1": self.train_top1, "lr": self.lr,
-                "img_per_s": self.img_per_s}
 
 
 class Trainer:
@@ -327,11 +309,14 @@ class Trainer:
                 host_sums = to_host(sums)
                 rate = timer_images / max(time.perf_counter() - timer_start, 1e-9)
                 self.log_progress(host_sums, seen, epoch, step_in_epoch, rate)
-                window = self.step_scalars(global_step + 1, host_sums, seen, window)
+                window = epoch_report.step_scalars(self.tb, global_step + 1, host_sums, seen,
+                                                   window, cfg.batch_size)
             if stop and not last:
-                return state, self.epoch_stats(sums, seen, rate, epoch_start, compile_before,
-                                               stopped_at=step_in_epoch + 1)
-        return state, self.epoch_stats(sums, seen, rate, epoch_start, compile_before)
+                return state, epoch_report.epoch_stats(
+                    cfg.batch_size, sums, seen, rate, epoch_start, compile_before,
+                    stopped_at=step_in_epoch + 1)
+        return state, epoch_report.epoch_stats(cfg.batch_size, sums, seen, rate, epoch_start,
+                                               compile_before)
 
     def log_progress(self, host_sums, seen: int, epoch: int, step_in_epoch: int, rate: float):
         spe = self.exp.inp.steps_per_epoch
@@ -346,30 +331,6 @@ class Trainer:
                  epoch + 1, step_in_epoch + 1, spe, mean_loss,
                  float(host_sums["correct"]) / (seen * self.config.batch_size),
                  float(host_sums["lr"]), rate, format_eta(remaining))
-
-    def step_scalars(self, step: int, host_sums, seen: int, window) -> tuple:
-        """TensorBoard train/* scalars at global `step`: means over the steps since `window`."""
-        last_sums, last_seen, last_time = window
-        now, n = time.perf_counter(), seen - last_seen
-        if last_sums is None:
-            last_sums = {"loss": 0.0, "correct": 0}
-        self.tb.scalars(step, {
-            "train/loss": (float(host_sums["loss"]) - float(last_sums["loss"])) / n,
-            "train/top1": (float(host_sums["correct"]) - float(last_sums["correct"]))
-            / (n * self.config.batch_size),
-            "train/lr": float(host_sums["lr"]),
-            "train/images_per_s": n * self.config.batch_size / max(now - last_time, 1e-9)})
-        return host_sums, seen, now
-
-    def epoch_stats(self, sums, seen, rate, epoch_start, compile_before, stopped_at=None):
-        host = to_host(sums) if sums is not None else {"loss": 0.0, "correct": 0, "lr": 0.0}
-        partial = None if stopped_at is None else {
-            "loss_sum": float(host["loss"]), "correct": int(host["correct"]), "seen": seen}
-        return EpochStats(
-            partial=partial, train_loss=float(host["loss"]) / max(seen, 1),
-            train_top1=float(host["correct"]) / max(seen * self.config.batch_size, 1),
-            lr=float(host["lr"]), img_per_s=rate,
-            started=epoch_start, compile_before=compile_before, stopped_at=stopped_at)
 
     def log_epoch(self, state, epoch, stats: EpochStats, evaluation: dict, decisions, tb):
         variables = to_host(variables_of(state))
@@ -389,22 +350,7 @@ class Trainer:
                  evaluation["test_top1"], human(params_n), human(macs), seconds, compile_s)
         if self.exp.is_main:
             self.metrics_log.append(record)
-            self.epoch_scalars(tb, record, decisions)
-
-    def epoch_scalars(self, tb, record: dict, decisions):
-        """Eval, structure and timing scalars (and structure changes as text) at the global step."""
-        step = record["epoch"] * self.exp.inp.steps_per_epoch
-        tb.scalars(step, {
-            "epoch": record["epoch"], "eval/loss": record["test_loss"],
-            "eval/top1": record["test_top1"],
-            "eval/top1_before_adjust": record["test_top1_before_adjust"],
-            "epoch/train_loss": record["train_loss"], "epoch/train_top1": record["train_top1"],
-            "structure/blocks": record["grown_slots"], "structure/params": record["params"],
-            "structure/macs": record["macs"], "structure/changes": record["structure_changes"],
-            "time/epoch_s": record["epoch_s"], "time/compile_s": record["compile_s"]})
-        if decisions:
-            tb.text("structure", "\n\n".join(describe_decision(d) for d in decisions), step)
-        tb.flush()
+            epoch_report.epoch_scalars(tb, record, decisions, self.exp.inp.steps_per_epoch)
 
     def finish(self, state, wall_start, tb) -> dict:
         variables = to_host(variables_of(state))
