@@ -36,20 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 256  # global
     c.num_epochs = 10
 
-    c.optim = ml_collections.ConfigDict()
-    c.optim.name = "sgd"  # sgd | adamw
-    c.optim.lr = 0.1  # peak learning rate
-    c.optim.momentum = 0.9
-    c.optim.nesterov = False
-    c.optim.weight_decay = 1e-4
-    c.optim.decay_bn_and_bias = True  # False: decay only conv/dense kernels
-    c.optim.warmup_epochs = 0.0  # linear warmup length; the cosine then runs over the rest
-    c.optim.warmup_lr = 0.0  # lr of the first warmup step (the warmup rises from it to optim.lr)
-    c.optim.warmup_by_epoch = False  # True: warmup lr steps once per epoch, as the reference
-    c.optim.min_lr = 0.0  # cosine floor
-    c.optim.label_smoothing = 0.0
-    c.optim.grad_clip_norm = 0.0  # 0 = off
-
+    c.optim = optim_fields()
     c.dyrep = dyrep_fields()
     c.checkpoint = checkpoint_fields()
 
@@ -61,6 +48,24 @@ def base_config() -> ml_collections.ConfigDict:
     c.debug_fail_at_step = -1  # testing only: inject a NaN loss at this global step
     return c
 
+
+
+def optim_fields() -> ml_collections.ConfigDict:
+    """The `optim` group: optimizer and the reference lr schedule."""
+    o = ml_collections.ConfigDict()
+    o.name = "sgd"  # sgd | adamw
+    o.lr = 0.1  # peak learning rate
+    o.momentum = 0.9
+    o.nesterov = False
+    o.weight_decay = 1e-4
+    o.decay_bn_and_bias = True  # False: decay only conv/dense kernels
+    o.warmup_epochs = 0.0  # linear warmup length; the cosine then runs over the rest
+    o.warmup_lr = 0.0  # lr of the first warmup step (the warmup rises from it to optim.lr)
+    o.warmup_by_epoch = False  # True: warmup lr steps once per epoch, as the reference
+    o.min_lr = 0.0  # cosine floor
+    o.label_smoothing = 0.0
+    o.grad_clip_norm = 0.0  # 0 = off
+    return o
 
 def dyrep_fields() -> ml_collections.ConfigDict:
     """`config.dyrep`: the controller (dyrep.ControllerConfig reads these)."""

@@ -132,23 +132,12 @@ def _slice_batches(split: ArraySplit, rows: np.ndarray) -> Iterator[Batch]:
 
 
 def build_input(
-    name: str,
-    *,
-    data_dir: str | None = None,
-    global_batch_size: int,
-    eval_batch_size: int,
-    seed: int,
-    process_index: int = 0,
-    process_count: int = 1,
-    augment: str = "cifar",
-    image_size: int | None = None,
-    max_train_examples: int | None = None,
-    max_test_examples: int | None = None,
-    color_jitter: float = 0.0,
-    random_erasing: float = 0.0,
-    num_classes: int | None = None,
-    host_threads: int | None = None,
-    host_workers: int = 0,
+    name: str, *, data_dir: str | None = None, global_batch_size: int, eval_batch_size: int,
+    seed: int, process_index: int = 0, process_count: int = 1, augment: str = "cifar",
+    image_size: int | None = None, max_train_examples: int | None = None,
+    max_test_examples: int | None = None, color_jitter: float = 0.0,
+    random_erasing: float = 0.0, num_classes: int | None = None,
+    host_threads: int | None = None, host_workers: int = 0,
 ) -> InputPipeline:
     """Open dataset `name` and set up deterministic per-process train/eval iterators.
 
@@ -160,21 +149,17 @@ def build_input(
     `random_erasing` the erasing probability of both. `image_size` resizes on the host (None:
     native size, 224 for variable-size data). `num_classes` (None: the dataset's) bounds the
     labels, which are checked once here (streamed TFDS splits: metadata here, each label as
-    read). `host_threads` bounds the per-example decode/augment threads (default min(16, CPUs));
-    `host_workers` > 0 runs the host transforms in that many grain processes instead (needs
-    grain; batches are identical either way).
+    read). `host_threads`: decode/augment threads (default min(16, CPUs)); `host_workers` > 0
+    runs the host transforms in grain processes instead (batches are identical either way).
     """
     _check_args(global_batch_size, eval_batch_size, process_index, process_count, augment)
-    _check_strengths(color_jitter, random_erasing)
-    if host_workers < 0:
-        raise DataError(f"host_workers={host_workers} must be >= 0 (0: threads in this process)")
+    _check_host_options(color_jitter, random_erasing, host_workers)
     source = open_source(name, data_dir)
     train = head(source.train, _check_limit("max_train_examples", max_train_examples))
     test = head(source.test, _check_limit("max_test_examples", max_test_examples))
     threads = host_threads or min(16, os.cpu_count() or 1)
 
-    native = source.image_shape
-    size = _output_size(native, image_size)
+    native, size = source.image_shape, _output_size(source.image_shape, image_size)
     host_side = augment in HOST_AUGMENTS or size != tuple(native[:2])
     train_transform, eval_transform = _host_transforms(
         host_side, augment, size, (color_jitter, random_erasing), source.mean, source.std
@@ -194,6 +179,18 @@ def build_input(
         streaming=source.streaming and host_side, host_threads=threads,
         host_workers=host_workers if host_side else 0,
     )
+    _check_sizes(pipeline, name, global_batch_size)
+    return pipeline
+
+
+def _check_host_options(color_jitter: float, random_erasing: float, host_workers: int):
+    _check_strengths(color_jitter, random_erasing)
+    if host_workers < 0:
+        raise DataError(f"host_workers={host_workers} must be >= 0 (0: threads in this process)")
+
+
+def _check_sizes(pipeline: InputPipeline, name: str, global_batch_size: int) -> None:
+    """At least one training batch and a non-empty test split."""
     if pipeline.steps_per_epoch == 0:
         raise DataError(
             f"{name}: {pipeline.num_train} train examples are fewer than one global batch "
@@ -201,7 +198,6 @@ def build_input(
         )
     if pipeline.num_test == 0:
         raise DataError(f"{name}: the test split is empty")
-    return pipeline
 
 
 def _check_source_labels(name: str, source_classes: int, classes: int, splits: dict) -> None:
