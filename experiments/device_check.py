@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_S = 530  # per part, items only; with start-up and kill grace a part ends by 560 s
 KILL_GRACE_S = 8  # after SIGTERM, before SIGKILL
-ANCHOR = ".bench/flax_anchor.py"  # carried copy of ../shared/bench/flax_anchor.py
+ANCHOR = ".bench/flax_anchor.py"  # carried copy of the bare-Flax anchor script (perf-h200.md)
 NPZ = "data_local/cifar10_16k.npz"  # carried subset of real CIFAR-10 (first 16k/4k)
 PARTS = ("1", "2", "3")
 # mode -> nominal seconds; rep runs last, as the least informative if time runs out
@@ -236,8 +236,8 @@ def run_part(part: str, args, out: Path, scratch: Path) -> list[dict]:
 def missing_input(item: Item, args) -> str | None:
     """A one-line error when a carried file an item reads is absent, else None."""
     if item.name == "anchor" and not (ROOT / args.anchor).exists():
-        return (f"{args.anchor} not found: copy ../shared/bench/flax_anchor.py there and "
-                "carry its folder (perf-h200.md)")
+        return (f"{args.anchor} not found: copy the bare-Flax anchor script there and "
+                "carry its folder (setup in perf-h200.md)")
     if item.name.startswith("cifar_") and not (ROOT / args.npz).exists():
         return (f"{args.npz} not found: copy the 16k CIFAR-10 subset there and carry it "
                 "(perf-h200.md)")
