@@ -11,13 +11,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import struct
 import subprocess
 import sys
 import warnings
 
 import numpy as np
 import pytest
+from event_files import read_events
 from gcs_emulator import gcs_dir, gcs_emulator  # noqa: F401  (fixtures)
 
 from dyrep_jax import paths
@@ -164,25 +164,8 @@ def test_standard_checkpointer_and_arch_json_for_fused_export(gcs_dir):  # noqa:
 
 def read_event_scalars(data: bytes) -> list[tuple[int, str, float]]:
     """(step, tag, value) of every scalar in a TFRecord event file, CRCs checked."""
-    from tensorboardX.crc32c import crc32c
-    from tensorboardX.proto import event_pb2
-
-    def masked(b):
-        c = crc32c(b)
-        return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-    out, i = [], 0
-    while i < len(data):
-        header = data[i:i + 8]
-        (n,) = struct.unpack("<Q", header)
-        assert struct.unpack("<I", data[i + 8:i + 12])[0] == masked(header)
-        body = data[i + 12:i + 12 + n]
-        assert struct.unpack("<I", data[i + 12 + n:i + 16 + n])[0] == masked(body)
-        event = event_pb2.Event.FromString(body)
-        out += [(event.step, v.tag, v.simple_value) for v in event.summary.value
-                if v.WhichOneof("value") == "simple_value"]
-        i += 16 + n
-    return out
+    return [(e.step, v.tag, v.simple_value) for e in read_events(data) for v in e.summary.value
+            if v.WhichOneof("value") == "simple_value"]
 
 
 def test_tensorboardx_scalars_reach_gcs_through_epath(gcs_dir, gcs_emulator):  # noqa: F811
